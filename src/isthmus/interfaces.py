@@ -1,0 +1,259 @@
+"""The contracts between the parts of Isthmus. Read this file to understand the architecture.
+
+::
+
+    device ─► Source ─► Ingest.submit ─┬─ authenticate (DeviceDirectory)
+                                       ├─ decode (Decoder)            pure; errors become records
+                                       ├─ map physical → logical (DeviceDirectory.mapping_at)
+                                       └─ Journal.append              durable before the device is acked
+                                                   │
+                       SinkRunner (one per sink, own cursor in the Journal) ─► Sink.write
+
+A plugin (source, decoder, sink) imports only :mod:`isthmus.message`, this module,
+:mod:`isthmus.errors`, :mod:`isthmus.plugins` and third-party libraries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Protocol, runtime_checkable
+
+from isthmus.message import Kind, Point, RawFrame, Record
+
+# --------------------------------------------------------------------------- decoding
+
+
+@runtime_checkable
+class Decoder(Protocol):
+    """Turns a payload into points. A pure function: no I/O, no state between calls.
+
+    Chosen per source / device; called once per frame (and again on replay).
+    """
+
+    def decode(self, payload: bytes, kind: Kind) -> list[Point]:
+        """Return the points in ``payload``.
+
+        Points without their own timestamp take the message's default timestamp later.
+        Raises :class:`~isthmus.errors.DecodeError` (never anything else) with a message meant
+        for the device's owner; the frame is journaled with that error either way.
+        """
+        ...
+
+
+# --------------------------------------------------------------------------- devices
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceRef:
+    """What the hot path knows about an authenticated physical device."""
+
+    p_uid: int
+    name: str
+    source_name: str
+    decoder: str | None = None
+
+
+class DeviceDirectory(Protocol):
+    """Hot-path device lookups, served from memory and invalidated when the registry changes."""
+
+    def by_token(self, token: str) -> DeviceRef | None:
+        """The enabled device with this access token, or ``None`` (unknown or revoked)."""
+        ...
+
+    def mapping_at(self, p_uid: int, at: datetime) -> int | None:
+        """The logical device ``p_uid`` fed at time ``at``; ``None`` if unmapped or paused."""
+        ...
+
+    def seen(self, p_uid: int, l_uid: int | None, at: datetime) -> None:
+        """Record that the device sent a frame at ``at`` (last_seen is flushed in batches)."""
+        ...
+
+
+# --------------------------------------------------------------------------- ingest
+
+
+@dataclass(frozen=True, slots=True)
+class IngestResult:
+    """What became of one submitted frame, once it is durably journaled."""
+
+    seq: int
+    record: Record
+
+
+class Ingest(Protocol):
+    """The one door into Isthmus. Sources call it; it never raises for a device's mistake."""
+
+    async def submit(self, frame: RawFrame, device: DeviceRef, *, wait: bool = True) -> IngestResult | None:
+        """Decode, map and journal ``frame`` sent by ``device``.
+
+        With ``wait=True`` returns once the record is durable (the source may now acknowledge
+        the device); the result tells whether decoding failed or the message was quarantined.
+        With ``wait=False`` (QoS 0, fire-and-forget) returns ``None`` at once; the record is
+        journaled in the next group commit. Raises :class:`~isthmus.errors.JournalError` only
+        when the journal cannot store anything (disk full, closed): the device must not be acked.
+        """
+        ...
+
+
+class Source(Protocol):
+    """A way frames arrive (MQTT server, HTTP device API, broker subscription, poller …)."""
+
+    async def run(self, ingest: Ingest) -> None:
+        """Accept frames and hand them to ``ingest`` until cancelled.
+
+        Must acknowledge a device only after ``ingest.submit(..., wait=True)`` returned. On
+        cancellation, stop accepting, finish or abandon (unacknowledged) in-flight frames, and
+        release every socket before returning.
+        """
+        ...
+
+
+# --------------------------------------------------------------------------- journal
+
+
+@dataclass(slots=True)
+class Cursor:
+    """A consumer's position in the journal and the books it has kept so far.
+
+    ``seq`` is the last sequence number fully handled (delivered, dead-lettered or skipped).
+    """
+
+    consumer: str
+    seq: int = 0
+    delivered: int = 0
+    dead_lettered: int = 0
+    skipped: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A record a sink gave up on, with why (the AWS IoT error-action shape)."""
+
+    id: int
+    sink: str
+    seq: int
+    correlation_id: str
+    stage: str
+    reason: str
+    attempts: int
+    created_at: datetime
+    payload: bytes
+    message: bytes | None = None
+    redriven: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RecordQuery:
+    """Filter for :meth:`Journal.query` (all fields optional, combined with AND)."""
+
+    p_uid: int | None = None
+    l_uid: int | None = None
+    status: str | None = None
+    correlation_id: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    after_seq: int = 0
+    limit: int = 100
+    newest_first: bool = True
+    unmapped: bool = False
+
+
+class Journal(Protocol):
+    """The durable, append-only log of records, and the cursors that read it."""
+
+    async def append(self, records: Sequence[Record]) -> list[int]:
+        """Store ``records``; return their sequence numbers once they are durable.
+
+        Concurrent calls are group-committed (many records, one commit). Raises
+        :class:`~isthmus.errors.JournalError` if they could not be stored; then none of them is.
+        """
+        ...
+
+    async def read(self, after: int, limit: int, *, wait: float = 0.0) -> list[Record]:
+        """Up to ``limit`` records with ``seq > after`` in order.
+
+        If there are none and ``wait > 0``, wait up to ``wait`` seconds for an append.
+        """
+        ...
+
+    async def query(self, q: RecordQuery) -> list[Record]:
+        """Records matching ``q`` (for the management API; not the hot path)."""
+        ...
+
+
+class CursorStore(Protocol):
+    """Committed consumer positions (Kafka consumer-group semantics)."""
+
+    async def load_cursor(self, consumer: str) -> Cursor:
+        """The committed cursor of ``consumer``, or a new one at the journal's start."""
+        ...
+
+    async def commit_cursor(self, cursor: Cursor, dead_letters: Sequence[DeadLetter] = ()) -> None:
+        """Durably store ``cursor`` together with the dead letters that moved it (one commit)."""
+        ...
+
+
+# --------------------------------------------------------------------------- sinks
+
+
+@dataclass(frozen=True, slots=True)
+class WriteResult:
+    """The outcome of a partly successful :meth:`Sink.write`.
+
+    ``rejected`` maps an index into the batch to the reason that record can never be written;
+    those are dead-lettered, the rest count as delivered.
+    """
+
+    rejected: dict[int, str] = field(default_factory=dict)
+
+
+class Sink(Protocol):
+    """A destination. Wrapped by a runner that owns batching, retry, dead letters and health."""
+
+    async def open(self) -> None:
+        """Connect / create tables. Called once before the first write; may raise SinkError."""
+        ...
+
+    async def write(self, batch: Sequence[Record]) -> WriteResult | None:
+        """Write deliverable records (``record.deliverable`` is true for each).
+
+        Writes are idempotent, keyed by (logical device, point name, timestamp), so a batch
+        written twice (after a crash, or by a replay) overwrites instead of duplicating.
+        Raise :class:`~isthmus.errors.RetryableSinkError` for transient failures (the runner
+        retries the same batch), :class:`~isthmus.errors.PermanentSinkError` when the whole
+        batch can never be written, or return a :class:`WriteResult` naming rejected records.
+        Any other exception is treated as retryable.
+        """
+        ...
+
+    async def close(self) -> None:
+        """Release connections. No call follows."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class StoredPoint:
+    """One point as a timeseries store returns it."""
+
+    l_uid: int
+    name: str
+    timestamp: datetime
+    value: object
+    correlation_id: str
+
+
+class TimeseriesReader(Protocol):
+    """Implemented by sinks that can answer queries (the management API's ``/timeseries``)."""
+
+    async def query(
+        self,
+        l_uid: int,
+        name: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int = 1000,
+    ) -> list[StoredPoint]:
+        """Points of logical device ``l_uid`` (optionally one name) in ``[since, until)``, oldest first."""
+        ...

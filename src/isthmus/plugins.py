@@ -1,0 +1,122 @@
+"""Plugin specifications and the plugin registry.
+
+Built-in sources, decoders and sinks register exactly like third-party ones: through entry
+points in the groups ``isthmus.decoders`` and ``isthmus.sinks`` (``isthmus.sources`` later), each
+naming a module-level ``PLUGIN`` spec. A spec carries the plugin's strict configuration model
+(pydantic, unknown keys are errors) whose field descriptions generate its documentation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from isthmus.errors import ConfigError
+from isthmus.interfaces import Decoder, Sink
+
+
+class PluginConfig(BaseModel):
+    """Base of every plugin's configuration model: strict, unknown keys rejected."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+C = TypeVar("C", bound=PluginConfig)
+
+
+@dataclass(frozen=True, slots=True)
+class SinkContext:
+    """What a sink may know about where it runs."""
+
+    name: str
+    data_dir: Path
+
+
+@dataclass(frozen=True, slots=True)
+class SinkPlugin(Generic[C]):
+    """A sink type: its name in configuration, its options model and its factory."""
+
+    name: str
+    description: str
+    config: type[C]
+    factory: Callable[[C, SinkContext], Sink]
+
+    def create(self, options: Mapping[str, Any], ctx: SinkContext) -> Sink:
+        """Validate ``options`` and build the sink; raises ConfigError naming the bad key."""
+        return self.factory(parse_options(self.config, options, f"sink {ctx.name!r}"), ctx)
+
+
+@dataclass(frozen=True, slots=True)
+class DecoderPlugin:
+    """A decoder: its name (as used by devices and sources) and its factory."""
+
+    name: str
+    description: str
+    factory: Callable[[], Decoder]
+
+
+def parse_options(model: type[C], options: Mapping[str, Any], where: str) -> C:
+    """Validate plugin options, translating pydantic's errors into one ConfigError."""
+    try:
+        return model.model_validate(dict(options))
+    except ValidationError as exc:
+        raise ConfigError(f"{where}: {format_validation_error(exc)}") from exc
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """One line per problem, each naming the key path: ``options.url: Field required``."""
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err["loc"]) or "(root)"
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        parts.append(f"{loc}: {msg}")
+    return "; ".join(parts)
+
+
+class Plugins:
+    """The plugins available to one Isthmus instance (no global registry).
+
+    ``Plugins.discover()`` loads every installed entry point; tests may build one by hand.
+    """
+
+    def __init__(self, sinks: Mapping[str, SinkPlugin[Any]], decoders: Mapping[str, DecoderPlugin]) -> None:
+        self.sinks = dict(sinks)
+        self.decoders = dict(decoders)
+
+    @classmethod
+    def discover(cls) -> Plugins:
+        """Load the ``isthmus.sinks`` and ``isthmus.decoders`` entry points."""
+        sinks: dict[str, SinkPlugin[Any]] = {}
+        for ep in entry_points(group="isthmus.sinks"):
+            spec = ep.load()
+            if not isinstance(spec, SinkPlugin):
+                raise ConfigError(f"entry point {ep.name!r} in isthmus.sinks is not a SinkPlugin")
+            sinks[spec.name] = spec
+        decoders: dict[str, DecoderPlugin] = {}
+        for ep in entry_points(group="isthmus.decoders"):
+            spec = ep.load()
+            if not isinstance(spec, DecoderPlugin):
+                raise ConfigError(f"entry point {ep.name!r} in isthmus.decoders is not a DecoderPlugin")
+            decoders[spec.name] = spec
+        return cls(sinks, decoders)
+
+    def sink(self, type_name: str) -> SinkPlugin[Any]:
+        """The sink plugin called ``type_name``; ConfigError lists the known ones otherwise."""
+        try:
+            return self.sinks[type_name]
+        except KeyError:
+            known = ", ".join(sorted(self.sinks)) or "none"
+            raise ConfigError(f"unknown sink type {type_name!r} (known: {known})") from None
+
+    def decoder(self, name: str) -> DecoderPlugin:
+        """The decoder plugin called ``name``; ConfigError lists the known ones otherwise."""
+        try:
+            return self.decoders[name]
+        except KeyError:
+            known = ", ".join(sorted(self.decoders)) or "none"
+            raise ConfigError(f"unknown decoder {name!r} (known: {known})") from None

@@ -1,0 +1,170 @@
+"""The ingest path: decode → map → journal, the one door every source comes through.
+
+Decoding is a pure function of the payload, so the complete record (raw bytes plus the
+normalised message, or the reason there is none) is assembled in memory and written in one
+journal append; the source acknowledges the device only after that append is durable. No
+decoder error, policy verdict or unmapped device can lose the raw frame: each becomes a status
+on the record (see ``docs/decisions/0001-embedded-journal-and-ingest.md``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from isthmus.errors import DecodeError
+from isthmus.interfaces import Decoder, DeviceDirectory, DeviceRef, IngestResult
+from isthmus.journal.sqlite import SQLiteJournal
+from isthmus.message import Message, Point, RawFrame, Record, Status
+from isthmus.runtime.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class TimestampPolicy:
+    """Bounds on message timestamps relative to the time the frame was received."""
+
+    max_future: timedelta = timedelta(hours=1)
+    max_past: timedelta | None = None
+    action: str = "quarantine"  # "quarantine" | "reject" | "accept"
+
+    def verdict(self, times: list[datetime], received_at: datetime) -> str | None:
+        """Why ``times`` break the policy (``None`` when they do not, or the action is accept)."""
+        if self.action == "accept" or not times:
+            return None
+        latest = max(times)
+        ahead = latest - received_at
+        if ahead > self.max_future:
+            return (
+                f"timestamp {latest.isoformat()} is {_human(ahead)} ahead of the server clock"
+                f" (limit {_human(self.max_future)})"
+            )
+        if self.max_past is not None:
+            earliest = min(times)
+            behind = received_at - earliest
+            if behind > self.max_past:
+                return (
+                    f"timestamp {earliest.isoformat()} is {_human(behind)} behind the server clock"
+                    f" (limit {_human(self.max_past)})"
+                )
+        return None
+
+
+def _human(delta: timedelta) -> str:
+    seconds = delta.total_seconds()
+    if seconds >= 86_400:
+        return f"{seconds / 86_400:.1f} d"
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds:.0f} s"
+
+
+class IngestService:
+    """Implements :class:`~isthmus.interfaces.Ingest` for every source of one instance."""
+
+    def __init__(
+        self,
+        journal: SQLiteJournal,
+        directory: DeviceDirectory,
+        decoders: Mapping[str, Decoder],
+        default_decoder: str,
+        policy: TimestampPolicy,
+        metrics: Metrics,
+    ) -> None:
+        self.journal = journal
+        self.directory = directory
+        self.decoders = dict(decoders)
+        self.default_decoder = default_decoder
+        self.policy = policy
+        self.metrics = metrics
+        self._counters: dict[str, tuple[Any, Any, Any]] = {}
+
+    def _source_counters(self, source: str) -> tuple[Any, Any, Any]:
+        counters = self._counters.get(source)
+        if counters is None:
+            m = self.metrics
+            counters = (
+                m.frames_received.labels(source),
+                m.frames_journaled.labels(source),
+                m.frames_decoded.labels(source),
+            )
+            self._counters[source] = counters
+        return counters
+
+    def build(self, frame: RawFrame, device: DeviceRef, error: str | None = None) -> Record:
+        """The record for ``frame``: decoded and mapped, or carrying why it could not be.
+
+        ``error`` is set by a source that already knows the frame is unusable (wrong content
+        type …); the frame is then recorded with that error without decoding.
+        """
+        received, _, decoded = self._source_counters(frame.source)
+        received.inc()
+        self.directory.seen(device.p_uid, None, frame.received_at)
+        if error is None:
+            name = device.decoder or self.default_decoder
+            decoder = self.decoders.get(name)
+            if decoder is None:
+                error = f"unknown decoder {name!r} configured for device {device.p_uid}"
+            else:
+                try:
+                    points = decoder.decode(frame.payload, frame.kind)
+                except DecodeError as exc:
+                    error = str(exc)
+        if error is not None:
+            self.metrics.frames_failed.labels(frame.source, Status.DECODE_ERROR.value).inc()
+            return Record(frame=frame, status=Status.DECODE_ERROR, p_uid=device.p_uid, error=error)
+        decoded.inc()
+        return self._message_record(frame, device, points)
+
+    def _message_record(self, frame: RawFrame, device: DeviceRef, points: list[Point]) -> Record:
+        own = [p.timestamp for p in points if p.timestamp is not None]
+        timestamp = frame.received_at
+        if own and len(own) == len(points) and all(t == own[0] for t in own):
+            # One timestamp for every point ({"ts": …, "values": …}): hoist it to the message.
+            timestamp = own[0]
+            points = [Point(p.name, p.value) for p in points]
+        elif own and len(own) == len(points):
+            timestamp = min(own)
+        l_uid = self.directory.mapping_at(device.p_uid, timestamp)
+        if l_uid is not None:
+            self.directory.seen(device.p_uid, l_uid, frame.received_at)
+        message = Message(
+            correlation_id=frame.correlation_id,
+            received_at=frame.received_at,
+            source=frame.source,
+            p_uid=device.p_uid,
+            kind=frame.kind,
+            timestamp=timestamp,
+            timeseries=points,
+            l_uid=l_uid,
+        )
+        verdict = self.policy.verdict(own or [timestamp], frame.received_at)
+        if verdict is not None:
+            status = Status.QUARANTINED if self.policy.action == "quarantine" else Status.DECODE_ERROR
+            self.metrics.frames_failed.labels(frame.source, status.value).inc()
+            return Record(
+                frame=frame,
+                status=status,
+                p_uid=device.p_uid,
+                message=message if status is Status.QUARANTINED else None,
+                error=verdict,
+            )
+        return Record(frame=frame, status=Status.OK, p_uid=device.p_uid, message=message)
+
+    async def submit(
+        self, frame: RawFrame, device: DeviceRef, *, wait: bool = True, error: str | None = None
+    ) -> IngestResult | None:
+        """See :class:`~isthmus.interfaces.Ingest`. ``error``: as in :meth:`build`."""
+        record = self.build(frame, device, error)
+        journaled = self._source_counters(frame.source)[1]
+        if not wait:
+            future = self.journal.append_nowait([record])
+            future.add_done_callback(lambda f: journaled.inc() if not f.exception() else None)
+            return None
+        seq = (await self.journal.append([record]))[0]
+        journaled.inc()
+        return IngestResult(seq, record)
