@@ -50,6 +50,7 @@ class Runtime:
         self.config = config
         self.plugins = plugins or Plugins.discover()
         self.metrics = Metrics()
+        config.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = RegistryStore(config.effective_registry_url())
         self.cache = DeviceCache(self.store)
         j = config.journal
@@ -110,7 +111,6 @@ class Runtime:
 
     async def start(self) -> None:
         """Open everything in order; raises ConfigError / JournalError / RegistryError on failure."""
-        self.config.data_dir.mkdir(parents=True, exist_ok=True)
         await self.in_thread(self.store.migrate)
         await self.in_thread(self._bootstrap_admin)
         await self.in_thread(self.cache.load)
