@@ -58,18 +58,26 @@ class Instance:
             await asyncio.sleep(0.05)
 
 
-async def start_instance(data_dir: Path, extra_env: Mapping[str, str] | None = None,
-                         sinks: list[dict[str, Any]] | None = None) -> tuple[Runtime, _Server, asyncio.Task[None], int]:
+async def start_instance(
+    data_dir: Path, extra_env: Mapping[str, str] | None = None, sinks: list[dict[str, Any]] | None = None
+) -> tuple[Runtime, _Server, asyncio.Task[None], int]:
     port = free_port()
-    env = {"ISTHMUS_DATA_DIR": str(data_dir), "ISTHMUS_HTTP__HOST": "127.0.0.1",
-           "ISTHMUS_HTTP__PORT": str(port), **(extra_env or {})}
+    env = {
+        "ISTHMUS_DATA_DIR": str(data_dir),
+        "ISTHMUS_HTTP__HOST": "127.0.0.1",
+        "ISTHMUS_HTTP__PORT": str(port),
+        **(extra_env or {}),
+    }
     cfg = load_config(None, env)
     if sinks is not None:
         cfg = cfg.model_copy(update={"sinks": [SinkConfig(**s) for s in sinks]})
     rt = Runtime(cfg)
     await rt.start()
-    server = _Server(uvicorn.Config(rt.asgi_app(), host="127.0.0.1", port=cfg.http.port, lifespan="off",
-                                    log_config=None, access_log=False))
+    server = _Server(
+        uvicorn.Config(
+            rt.asgi_app(), host="127.0.0.1", port=cfg.http.port, lifespan="off", log_config=None, access_log=False
+        )
+    )
     task = asyncio.create_task(server.serve())
     while not server.started:
         if task.done():
@@ -82,8 +90,11 @@ async def start_instance(data_dir: Path, extra_env: Mapping[str, str] | None = N
 async def instance_factory(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
     running: list[tuple[Runtime, _Server, asyncio.Task[None], list[httpx.AsyncClient]]] = []
 
-    async def make(extra_env: Mapping[str, str] | None = None, sinks: list[dict[str, Any]] | None = None,
-                   data_dir: Path | None = None) -> Instance:
+    async def make(
+        extra_env: Mapping[str, str] | None = None,
+        sinks: list[dict[str, Any]] | None = None,
+        data_dir: Path | None = None,
+    ) -> Instance:
         d = data_dir or tmp_path / f"data{len(running)}"
         rt, server, task, port = await start_instance(d, extra_env, sinks)
         url = f"http://127.0.0.1:{port}"

@@ -64,7 +64,8 @@ class JournalConfig(_Strict):
         0.0,
         ge=0,
         le=1,
-        description="Extra seconds the writer waits to fill a group commit (0: commit as soon as the previous one ends).",
+        description="Extra seconds the writer waits to fill a group commit "
+        "(0: commit as soon as the previous one ends).",
     )
     max_batch: int = Field(2000, ge=1, le=100_000, description="Most records in one group commit.")
     synchronous: Literal["full", "normal"] = Field(
@@ -88,15 +89,20 @@ class TimestampPolicyConfig(_Strict):
     )
 
 
+KindName = Literal["telemetry", "attributes"]
+
+
+def _telemetry_only() -> list[KindName]:
+    return ["telemetry"]
+
+
 class SinkConfig(_Strict):
     """One destination, with its own cursor, batching and retry policy."""
 
     name: str = Field(pattern=r"^[a-z][a-z0-9_-]{0,62}$", description="Unique name; also the cursor's name.")
     type: str = Field(description="Sink plugin: 'sql', 'webhook', …")
     enabled: bool = Field(True, description="Disabled sinks keep their cursor but do not run.")
-    kinds: list[Literal["telemetry", "attributes"]] = Field(
-        default_factory=lambda: ["telemetry"], description="Message kinds delivered to this sink."
-    )
+    kinds: list[KindName] = Field(default_factory=_telemetry_only, description="Message kinds delivered to this sink.")
     batch_max_records: int = Field(1000, ge=1, le=100_000, description="Most records per write.")
     batch_max_bytes: int = Field(1_048_576, ge=1, description="Stop adding records to a batch past this payload size.")
     batch_period: float = Field(
@@ -167,7 +173,7 @@ def load_config(path: Path | None, env: Mapping[str, str]) -> Config:
     for name, raw in sorted(env.items()):
         if not name.startswith(ENV_PREFIX) or name in CLI_ENV:
             continue
-        keys = [k.lower() for k in name[len(ENV_PREFIX):].split("__")]
+        keys = [k.lower() for k in name[len(ENV_PREFIX) :].split("__")]
         if not all(keys):
             raise ConfigError(f"environment variable {name}: empty key segment")
         _set_path(data, keys, _parse_env_value(raw), name)

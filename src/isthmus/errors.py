@@ -36,7 +36,7 @@ class ConfigError(IsthmusError):
     code = "config_error"
 
 
-class InvalidRequest(IsthmusError):
+class InvalidRequest(IsthmusError):  # noqa: N818
     """An API request that cannot be served as asked (conflicting or missing parameters)."""
 
     code = "invalid_request"

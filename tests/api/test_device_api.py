@@ -39,8 +39,10 @@ async def test_telemetry_is_journaled_decoded_mapped_and_stored(instance: Any) -
 async def test_ts_values_shape_sets_the_message_timestamp(instance: Any) -> None:
     dev = await instance.device("d", map_to="L")
     ts = int(time.time() * 1000) - 60_000
-    r = await instance.http.post(f"/api/v1/{dev['token']}/telemetry",
-                                 json=[{"ts": ts, "values": {"a": 1}}, {"ts": ts + 1000, "values": {"a": 2}}])
+    r = await instance.http.post(
+        f"/api/v1/{dev['token']}/telemetry",
+        json=[{"ts": ts, "values": {"a": 1}}, {"ts": ts + 1000, "values": {"a": 2}}],
+    )
     assert r.status_code == 200
     (msg,) = await messages(instance, dev["uid"])
     assert [p["value"] for p in msg["message"]["timeseries"]] == [1, 2]
@@ -70,8 +72,9 @@ BAD_BODIES = [
 @pytest.mark.parametrize(("body", "code", "text"), BAD_BODIES)
 async def test_bad_bodies_get_400_and_are_journaled(instance: Any, body: bytes, code: str, text: str) -> None:
     dev = await instance.device("d", map_to="L")
-    r = await instance.http.post(f"/api/v1/{dev['token']}/telemetry", content=body,
-                                 headers={"content-type": "application/json"})
+    r = await instance.http.post(
+        f"/api/v1/{dev['token']}/telemetry", content=body, headers={"content-type": "application/json"}
+    )
     assert r.status_code == 400
     err = r.json()["error"]
     assert err["code"] == code and text in err["message"]
@@ -85,8 +88,11 @@ async def test_bad_bodies_get_400_and_are_journaled(instance: Any, body: bytes, 
 
 async def test_wrong_content_type_is_415_and_journaled(instance: Any) -> None:
     dev = await instance.device("d")
-    r = await instance.http.post(f"/api/v1/{dev['token']}/telemetry", content=b"t=1",
-                                 headers={"content-type": "application/x-www-form-urlencoded"})
+    r = await instance.http.post(
+        f"/api/v1/{dev['token']}/telemetry",
+        content=b"t=1",
+        headers={"content-type": "application/x-www-form-urlencoded"},
+    )
     assert r.status_code == 415
     assert r.json()["error"]["code"] == "unsupported_media_type"
     (msg,) = await messages(instance, dev["uid"])
@@ -116,7 +122,8 @@ async def test_body_over_the_limit_is_413(instance_factory: Any) -> None:
 async def test_unknown_and_revoked_tokens_are_401(instance: Any) -> None:
     r = await instance.http.post("/api/v1/no-such-token/telemetry", json={"t": 1})
     assert r.status_code == 401 and r.json() == {
-        "error": {"code": "unauthorized", "message": "unknown or revoked device token"}}
+        "error": {"code": "unauthorized", "message": "unknown or revoked device token"}
+    }
     dev = await instance.device("d")
     assert (await instance.http.post(f"/api/v1/{dev['token']}/telemetry", json={"t": 1})).status_code == 200
     r = await instance.admin.patch(f"/mgmt/physical/{dev['uid']}", json={"enabled": False})
@@ -156,7 +163,7 @@ async def test_future_timestamp_policy_accept(instance_factory: Any) -> None:
 
 async def test_sql_ish_strings_are_just_data(instance: Any) -> None:
     evil = "'; DROP TABLE records; --"
-    dev = await instance.device(evil, map_to=f'Robert"); DROP TABLE timeseries; --')
+    dev = await instance.device(evil, map_to='Robert"); DROP TABLE timeseries; --')
     r = await instance.http.post(f"/api/v1/{dev['token']}/telemetry", json={evil: evil})
     assert r.status_code == 200
     assert (await instance.admin.get(f"/mgmt/physical/{dev['uid']}")).json()["name"] == evil
@@ -200,8 +207,9 @@ async def test_wrong_paths_and_methods(instance: Any) -> None:
 async def test_server_survives_a_burst_of_garbage(instance: Any) -> None:
     dev = await instance.device("d")
     bodies = [b"\x00\x01\x02", b"[[[[[[[[", b"{" * 10_000, b'{"a":' + b"1" * 5000 + b"}", b"\xff" * 100]
-    results = await asyncio.gather(*(
-        instance.http.post(f"/api/v1/{dev['token']}/telemetry", content=b) for b in bodies))
+    results = await asyncio.gather(
+        *(instance.http.post(f"/api/v1/{dev['token']}/telemetry", content=b) for b in bodies)
+    )
     assert all(r.status_code == 400 for r in results), [r.text for r in results]
     assert (await instance.http.post(f"/api/v1/{dev['token']}/telemetry", json={"t": 1})).status_code == 200
     assert len(await messages(instance, dev["uid"])) == len(bodies) + 1

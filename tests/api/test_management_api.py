@@ -12,7 +12,6 @@ import httpx
 import pytest
 
 
-
 def assert_error_shape(r: httpx.Response, status: int, code: str) -> str:
     """THE error shape, pinned: exactly {"error": {"code": str, "message": str}} (+ optional extras)."""
     assert r.status_code == status, r.text
@@ -30,21 +29,24 @@ async def test_error_shape_is_the_same_everywhere(instance: Any) -> None:
     assert_error_shape(await instance.http.get("/mgmt/physical"), 401, "unauthorized")
     assert_error_shape(await instance.admin.get("/mgmt/physical/999"), 404, "not_found")
     assert_error_shape(await instance.admin.get("/mgmt/no-such-thing"), 404, "not_found")
-    msg = assert_error_shape(await instance.admin.post("/mgmt/physical", json={"name": "x", "colour": "red"}),
-                             422, "invalid_request")
+    msg = assert_error_shape(
+        await instance.admin.post("/mgmt/physical", json={"name": "x", "colour": "red"}), 422, "invalid_request"
+    )
     assert "colour" in msg and "unknown key" in msg
-    assert_error_shape(await instance.admin.post("/mgmt/physical", json={"name": "x", "token": "bad token!"}),
-                       422, "invalid_request")
+    assert_error_shape(
+        await instance.admin.post("/mgmt/physical", json={"name": "x", "token": "bad token!"}), 422, "invalid_request"
+    )
     await instance.admin.post("/mgmt/physical", json={"name": "a", "token": "dup"})
-    assert_error_shape(await instance.admin.post("/mgmt/physical", json={"name": "b", "token": "dup"}),
-                       409, "conflict")
+    assert_error_shape(await instance.admin.post("/mgmt/physical", json={"name": "b", "token": "dup"}), 409, "conflict")
     assert_error_shape(await instance.admin.get("/mgmt/mappings"), 400, "invalid_request")
-    assert_error_shape(await instance.admin.get("/mgmt/messages", params={"since": "2026-01-01T00:00:00"}),
-                       400, "invalid_request")
+    assert_error_shape(
+        await instance.admin.get("/mgmt/messages", params={"since": "2026-01-01T00:00:00"}), 400, "invalid_request"
+    )
     assert_error_shape(await instance.http.post("/api/v1/nope/telemetry", json={}), 401, "unauthorized")
     assert_error_shape(await instance.admin.get("/mgmt/dead-letters/12345"), 404, "not_found")
-    assert_error_shape(await instance.admin.post("/mgmt/physical", json={"name": "x", "decoder": "nope"}),
-                       400, "invalid_request")
+    assert_error_shape(
+        await instance.admin.post("/mgmt/physical", json={"name": "x", "decoder": "nope"}), 400, "invalid_request"
+    )
 
 
 async def test_login_exchanges_basic_credentials_for_a_token(instance: Any) -> None:
@@ -57,18 +59,19 @@ async def test_login_exchanges_basic_credentials_for_a_token(instance: Any) -> N
     r = await instance.http.get("/mgmt/physical", headers={"Authorization": f"Bearer {token}"})
     assert r.status_code == 200
     wrong = base64.b64encode(b"ops:wrong password").decode()
-    assert_error_shape(await instance.http.get("/mgmt/token", headers={"Authorization": f"Basic {wrong}"}),
-                       401, "unauthorized")
+    assert_error_shape(
+        await instance.http.get("/mgmt/token", headers={"Authorization": f"Basic {wrong}"}), 401, "unauthorized"
+    )
 
 
 async def test_read_only_users_cannot_write(instance: Any) -> None:
-    r = await instance.admin.post("/mgmt/users", json={"username": "viewer", "password": "12345678",
-                                                        "read_only": True})
+    r = await instance.admin.post("/mgmt/users", json={"username": "viewer", "password": "12345678", "read_only": True})
     headers = {"Authorization": f"Bearer {r.json()['token']}"}
     assert (await instance.http.get("/mgmt/physical", headers=headers)).status_code == 200
     assert (await instance.http.get("/mgmt/sinks", headers=headers)).status_code == 200
-    assert_error_shape(await instance.http.post("/mgmt/physical", json={"name": "x"}, headers=headers),
-                       403, "forbidden")
+    assert_error_shape(
+        await instance.http.post("/mgmt/physical", json={"name": "x"}, headers=headers), 403, "forbidden"
+    )
     assert_error_shape(await instance.http.delete("/mgmt/users/admin", headers=headers), 403, "forbidden")
 
 
@@ -111,8 +114,17 @@ async def test_mapping_lifecycle(instance: Any) -> None:
 
 async def test_openapi_docs_health_metrics(instance: Any) -> None:
     spec = (await instance.http.get("/openapi.json")).json()
-    for path in ("/mgmt/physical", "/mgmt/logical", "/mgmt/mappings", "/mgmt/users", "/mgmt/messages",
-                 "/mgmt/timeseries", "/mgmt/sinks", "/mgmt/dead-letters", "/mgmt/token"):
+    for path in (
+        "/mgmt/physical",
+        "/mgmt/logical",
+        "/mgmt/mappings",
+        "/mgmt/users",
+        "/mgmt/messages",
+        "/mgmt/timeseries",
+        "/mgmt/sinks",
+        "/mgmt/dead-letters",
+        "/mgmt/token",
+    ):
         assert path in spec["paths"], path
     assert "PhysicalDevice" in spec["components"]["schemas"]
     docs = await instance.http.get("/docs")
@@ -131,13 +143,13 @@ async def test_openapi_docs_health_metrics(instance: Any) -> None:
 
 
 class _Failing(BaseHTTPRequestHandler):
-    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+    def do_POST(self) -> None:
         self.rfile.read(int(self.headers.get("content-length", 0)))
         self.send_response(500)
         self.send_header("content-length", "0")
         self.end_headers()
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: Any) -> None:
         pass
 
 
@@ -154,11 +166,19 @@ def failing_webhook() -> Iterator[str]:
 async def test_failing_sink_dead_letters_others_unaffected_ready_reports_it(
     instance_factory: Any, failing_webhook: str, tmp_path: Any
 ) -> None:
-    instance = await instance_factory(sinks=[
-        {"name": "timeseries", "type": "sql"},
-        {"name": "hook", "type": "webhook", "options": {"url": failing_webhook, "timeout": 2},
-         "max_attempts": 2, "backoff_initial": 0.01, "backoff_max": 0.02},
-    ])
+    instance = await instance_factory(
+        sinks=[
+            {"name": "timeseries", "type": "sql"},
+            {
+                "name": "hook",
+                "type": "webhook",
+                "options": {"url": failing_webhook, "timeout": 2},
+                "max_attempts": 2,
+                "backoff_initial": 0.01,
+                "backoff_max": 0.02,
+            },
+        ]
+    )
     dev = await instance.device("d", map_to="L")
     for i in range(3):
         assert (await instance.http.post(f"/api/v1/{dev['token']}/telemetry", json={"t": i})).status_code == 200

@@ -15,7 +15,6 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import msgspec
@@ -46,7 +45,8 @@ class Server:
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "isthmus", "serve", "--config", str(self.config)],
-                stdout=log, stderr=subprocess.STDOUT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -108,8 +108,9 @@ async def test_sigkill_loses_no_acknowledged_request_and_delivers_exactly_once(s
     # One base for all workers, after the mapping started (messages are mapped by their own time);
     # seq i gets timestamp base + i, so every record has its own (l_uid, name, ts) key.
     base_ms = int(time.time() * 1000) + 10
-    workers = [asyncio.create_task(post_until_killed(server.url, "crash-token", acked, stop, w, base_ms))
-               for w in range(8)]
+    workers = [
+        asyncio.create_task(post_until_killed(server.url, "crash-token", acked, stop, w, base_ms)) for w in range(8)
+    ]
     while len(acked) < 400:
         await asyncio.sleep(0.02)
     assert server.kill() == -signal.SIGKILL
@@ -141,8 +142,9 @@ async def test_sigkill_loses_no_acknowledged_request_and_delivers_exactly_once(s
 async def test_sigterm_shuts_down_cleanly_and_keeps_data(server: Server) -> None:
     server.start()
     async with httpx.AsyncClient(base_url=server.url) as c:
-        r = await c.post("/mgmt/physical", json={"name": "x", "token": "tok-x"},
-                         headers={"Authorization": f"Bearer {server.token}"})
+        r = await c.post(
+            "/mgmt/physical", json={"name": "x", "token": "tok-x"}, headers={"Authorization": f"Bearer {server.token}"}
+        )
         assert r.status_code == 201
         assert (await c.post("/api/v1/tok-x/telemetry", json={"t": 1})).status_code == 200
     assert server.kill(signal.SIGTERM) == 0
@@ -154,5 +156,3 @@ async def test_sigterm_shuts_down_cleanly_and_keeps_data(server: Server) -> None
         assert dev["last_seen"] is not None, "last_seen is flushed on shutdown"
     assert server.kill(signal.SIGTERM) == 0
     assert os.stat(server.data / "admin.token").st_mode & 0o777 == 0o600
-
-

@@ -93,8 +93,18 @@ async def test_read_returns_empty_after_wait_timeout(journal: SQLiteJournal) -> 
 async def test_cursor_and_dead_letters_commit_together(journal: SQLiteJournal) -> None:
     (seq,) = await journal.append([make_record()])
     assert await journal.load_cursor("s") == Cursor("s")
-    dl = DeadLetter(id=0, sink="s", seq=seq, correlation_id="c", stage="deliver", reason="boom", attempts=3,
-                    created_at=utcnow(), payload=b"\xff raw", message=b'{"x":1}')
+    dl = DeadLetter(
+        id=0,
+        sink="s",
+        seq=seq,
+        correlation_id="c",
+        stage="deliver",
+        reason="boom",
+        attempts=3,
+        created_at=utcnow(),
+        payload=b"\xff raw",
+        message=b'{"x":1}',
+    )
     await journal.commit_cursor(Cursor("s", seq=seq, dead_lettered=1), [dl])
     cursor = await journal.load_cursor("s")
     assert (cursor.seq, cursor.dead_lettered, cursor.delivered) == (seq, 1, 0)
@@ -173,8 +183,15 @@ async def test_retention_beyond_cursors_counts_what_it_drops(journal: SQLiteJour
 
 async def test_retention_by_size(journal: SQLiteJournal) -> None:
     big = [make_record() for _ in range(200)]
-    big = [Record(frame=RawFrame(r.frame.correlation_id, r.frame.received_at, "http", b"x" * 4000),
-                  status=Status.OK, p_uid=1, message=r.message) for r in big]
+    big = [
+        Record(
+            frame=RawFrame(r.frame.correlation_id, r.frame.received_at, "http", b"x" * 4000),
+            status=Status.OK,
+            p_uid=1,
+            message=r.message,
+        )
+        for r in big
+    ]
     await journal.append(big)
     before = await journal.stats()
     journal.retention = RetentionPolicy(max_bytes=before.bytes_used // 2)

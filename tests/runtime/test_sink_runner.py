@@ -57,8 +57,16 @@ def runner(name: str, sink: RecordingSink, journal: SQLiteJournal, settings: Run
 
 
 async def test_delivers_mapped_records_and_skips_the_rest(journal: SQLiteJournal) -> None:
-    await journal.append([record(), record(l_uid=None), record(status=Status.DECODE_ERROR),
-                          record(status=Status.QUARANTINED), record(kind="attributes"), record()])
+    await journal.append(
+        [
+            record(),
+            record(l_uid=None),
+            record(status=Status.DECODE_ERROR),
+            record(status=Status.QUARANTINED),
+            record(kind="attributes"),
+            record(),
+        ]
+    )
     sink = RecordingSink()
     r = runner("s", sink, journal)
     async with running(r):

@@ -88,7 +88,9 @@ class DeviceAPI:
             await self._get_attributes(scope, send, token)
         else:
             await _respond(
-                send, 405, error_body("method_not_allowed", f"{method} is not allowed on /{endpoint}"),
+                send,
+                405,
+                error_body("method_not_allowed", f"{method} is not allowed on /{endpoint}"),
                 [(b"allow", b"POST" if endpoint == "telemetry" else b"GET, POST")],
             )
 
@@ -131,11 +133,14 @@ class DeviceAPI:
         except JournalError as exc:
             log.error("journal unavailable, refusing frame: %s", exc, extra={"correlation_id": frame.correlation_id})
             await _respond(
-                send, 503, error_body("unavailable", "cannot store the message now; retry later"),
+                send,
+                503,
+                error_body("unavailable", "cannot store the message now; retry later"),
                 [(b"retry-after", b"1")],
             )
             return
-        assert result is not None
+        if result is None:  # pragma: no cover - submit(wait=True) always returns a result
+            raise RuntimeError("ingest returned no result for a waited submit")
         record = result.record
         if record.status is Status.OK:
             await _respond(send, 200, b"", [])
@@ -144,14 +149,14 @@ class DeviceAPI:
         if error is not None:
             code = "unsupported_media_type"
         status = 415 if error is not None else 400
-        await _respond(
-            send, status, error_body(code, record.error or code, correlation_id=frame.correlation_id)
-        )
+        await _respond(send, status, error_body(code, record.error or code, correlation_id=frame.correlation_id))
 
     async def _too_large(self, send: Send, receive: Receive | None) -> None:
         self._rejected.labels(SOURCE, "too_large").inc()
         await _respond(
-            send, 413, error_body("payload_too_large", f"body larger than {self.max_payload} bytes"),
+            send,
+            413,
+            error_body("payload_too_large", f"body larger than {self.max_payload} bytes"),
             [(b"connection", b"close")],
         )
 
@@ -201,9 +206,7 @@ async def _drain(receive: Receive, limit: int) -> None:
         await _read_body(receive, limit)
 
 
-async def _respond(
-    send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None
-) -> None:
+async def _respond(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None) -> None:
     hdrs = list(_JSON_HEADERS if body else [])
     if headers:
         hdrs.extend(headers)

@@ -163,10 +163,20 @@ def _payload(data: bytes) -> tuple[str, Literal["utf-8", "base64"]]:
 def _message_out(r: Record) -> MessageOut:
     payload, encoding = _payload(r.frame.payload)
     return MessageOut(
-        seq=r.seq, correlation_id=r.frame.correlation_id, received_at=r.frame.received_at, source=r.frame.source,
-        p_uid=r.p_uid, l_uid=r.l_uid, kind=r.frame.kind, status=r.status.value, error=r.error,
-        content_type=r.frame.content_type, payload=payload, payload_encoding=encoding,
-        message=msgspec.to_builtins(r.message) if r.message is not None else None, replay_of=r.replay_of,
+        seq=r.seq,
+        correlation_id=r.frame.correlation_id,
+        received_at=r.frame.received_at,
+        source=r.frame.source,
+        p_uid=r.p_uid,
+        l_uid=r.l_uid,
+        kind=r.frame.kind,
+        status=r.status.value,
+        error=r.error,
+        content_type=r.frame.content_type,
+        payload=payload,
+        payload_encoding=encoding,
+        message=msgspec.to_builtins(r.message) if r.message is not None else None,
+        replay_of=r.replay_of,
     )
 
 
@@ -236,8 +246,12 @@ def management_app(rt: Runtime) -> FastAPI:
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/ready", tags=["operations"], summary="Readiness: journal writable, no sink failing",
-             responses={503: {"description": "Not ready; the body says why."}})
+    @app.get(
+        "/ready",
+        tags=["operations"],
+        summary="Readiness: journal writable, no sink failing",
+        responses={503: {"description": "Not ready; the body says why."}},
+    )
     async def ready() -> JSONResponse:
         problems = rt.readiness_problems()
         body = {"status": "ready" if not problems else "not_ready", "problems": problems}
@@ -260,8 +274,9 @@ def management_app(rt: Runtime) -> FastAPI:
     # --------------------------------------------------------------- physical devices
 
     @app.get("/mgmt/physical", tags=["physical devices"])
-    def list_physical(_: Reader, source: str | None = None, unmapped: bool = False,
-                      properties: bool = True) -> list[PhysicalDevice]:
+    def list_physical(
+        _: Reader, source: str | None = None, unmapped: bool = False, properties: bool = True
+    ) -> list[PhysicalDevice]:
         devices = store.list_physical(source=source, unmapped=unmapped)
         return devices if properties else [d.model_copy(update={"properties": {}}) for d in devices]
 
@@ -283,14 +298,22 @@ def management_app(rt: Runtime) -> FastAPI:
     def delete_physical(_: Writer, uid: int) -> PhysicalDevice:
         return store.delete_physical(uid)
 
-    @app.get("/mgmt/physical/{uid}/attributes", tags=["physical devices"],
-             summary="The device's latest client and shared attributes")
+    @app.get(
+        "/mgmt/physical/{uid}/attributes",
+        tags=["physical devices"],
+        summary="The device's latest client and shared attributes",
+    )
     async def get_attributes(_: Reader, uid: int) -> dict[str, dict[str, Any]]:
-        return {"client": await rt.attributes.get(uid, "client", None),
-                "shared": await rt.attributes.get(uid, "shared", None)}
+        return {
+            "client": await rt.attributes.get(uid, "client", None),
+            "shared": await rt.attributes.get(uid, "shared", None),
+        }
 
-    @app.put("/mgmt/physical/{uid}/attributes", tags=["physical devices"],
-             summary="Set shared attributes (merged into the existing ones)")
+    @app.put(
+        "/mgmt/physical/{uid}/attributes",
+        tags=["physical devices"],
+        summary="Set shared attributes (merged into the existing ones)",
+    )
     async def set_attributes(_: Writer, uid: int, body: dict[str, Any]) -> dict[str, Any]:
         await rt.in_thread(store.get_physical, uid)
         await rt.attributes.set_shared(uid, body)
@@ -324,11 +347,17 @@ def management_app(rt: Runtime) -> FastAPI:
     @app.get("/mgmt/mappings", tags=["mappings"], summary="Current mapping and history of one device")
     def get_mappings(_: Reader, p_uid: int | None = None, l_uid: int | None = None) -> MappingsOut:
         _exactly_one(p_uid, l_uid)
-        return MappingsOut(current=store.current_mapping(p_uid=p_uid, l_uid=l_uid),
-                           history=store.mapping_history(p_uid=p_uid, l_uid=l_uid))
+        return MappingsOut(
+            current=store.current_mapping(p_uid=p_uid, l_uid=l_uid),
+            history=store.mapping_history(p_uid=p_uid, l_uid=l_uid),
+        )
 
-    @app.post("/mgmt/mappings", tags=["mappings"], status_code=201,
-              summary="Map a physical device to a logical device (ends their current mappings)")
+    @app.post(
+        "/mgmt/mappings",
+        tags=["mappings"],
+        status_code=201,
+        summary="Map a physical device to a logical device (ends their current mappings)",
+    )
     def start_mapping(_: Writer, body: MappingStartIn) -> Mapping:
         return store.start_mapping(body.p_uid, body.l_uid, body.start)
 
@@ -387,10 +416,18 @@ def management_app(rt: Runtime) -> FastAPI:
         until: datetime | None = None,
         limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
     ) -> list[MessageOut]:
-        records = await rt.journal.query(RecordQuery(
-            p_uid=p_uid, l_uid=l_uid, status=status, correlation_id=correlation_id,
-            since=_aware(since, "since"), until=_aware(until, "until"), limit=limit, unmapped=unmapped,
-        ))
+        records = await rt.journal.query(
+            RecordQuery(
+                p_uid=p_uid,
+                l_uid=l_uid,
+                status=status,
+                correlation_id=correlation_id,
+                since=_aware(since, "since"),
+                until=_aware(until, "until"),
+                limit=limit,
+                unmapped=unmapped,
+            )
+        )
         return [_message_out(r) for r in records]
 
     @app.get("/mgmt/timeseries", tags=["data"], summary="Stored points of a logical device, oldest first")
@@ -405,23 +442,35 @@ def management_app(rt: Runtime) -> FastAPI:
     ) -> list[PointOut]:
         reader = rt.timeseries_reader(sink)
         points = await reader.query(l_uid, name, _aware(since, "since"), _aware(until, "until"), limit)
-        return [PointOut(l_uid=p.l_uid, name=p.name, timestamp=p.timestamp, value=p.value,
-                         correlation_id=p.correlation_id) for p in points]
+        return [
+            PointOut(l_uid=p.l_uid, name=p.name, timestamp=p.timestamp, value=p.value, correlation_id=p.correlation_id)
+            for p in points
+        ]
 
     # --------------------------------------------------------------- sinks and dead letters
 
     @app.get("/mgmt/sinks", tags=["sinks"], summary="Health, position and books of every sink")
     async def sinks(_: Reader) -> list[SinkOut]:
         return [
-            SinkOut(name=r.name, type=r.type_name, state=r.state.value, last_error=r.last_error,
-                    cursor=r.cursor.seq, lag=r.lag, delivered=r.cursor.delivered,
-                    dead_lettered=r.cursor.dead_lettered, skipped=r.cursor.skipped)
+            SinkOut(
+                name=r.name,
+                type=r.type_name,
+                state=r.state.value,
+                last_error=r.last_error,
+                cursor=r.cursor.seq,
+                lag=r.lag,
+                delivered=r.cursor.delivered,
+                dead_lettered=r.cursor.dead_lettered,
+                skipped=r.cursor.skipped,
+            )
             for r in rt.runners.values()
         ]
 
     @app.get("/mgmt/dead-letters", tags=["sinks"], summary="Dead letters, oldest first")
     async def dead_letters(
-        _: Reader, sink: str | None = None, after_id: int = 0,
+        _: Reader,
+        sink: str | None = None,
+        after_id: int = 0,
         limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
     ) -> list[DeadLetterOut]:
         return [_dead_letter_out(d) for d in await rt.journal.dead_letters(sink, after_id=after_id, limit=limit)]
@@ -436,9 +485,19 @@ def management_app(rt: Runtime) -> FastAPI:
 def _dead_letter_out(d: Any) -> DeadLetterOut:
     payload, encoding = _payload(d.payload)
     message = msgspec.json.decode(d.message) if d.message else None
-    return DeadLetterOut(id=d.id, sink=d.sink, seq=d.seq, correlation_id=d.correlation_id, stage=d.stage,
-                         reason=d.reason, attempts=d.attempts, created_at=d.created_at, payload=payload,
-                         payload_encoding=encoding, message=message)
+    return DeadLetterOut(
+        id=d.id,
+        sink=d.sink,
+        seq=d.seq,
+        correlation_id=d.correlation_id,
+        stage=d.stage,
+        reason=d.reason,
+        attempts=d.attempts,
+        created_at=d.created_at,
+        payload=payload,
+        payload_encoding=encoding,
+        message=message,
+    )
 
 
 def _exactly_one(p_uid: int | None, l_uid: int | None) -> None:

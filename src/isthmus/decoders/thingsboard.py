@@ -103,8 +103,14 @@ def _parse_ts(value: Any, where: str) -> datetime:
 
 
 def _type_name(value: Any) -> str:
-    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
-            int: "a number", float: "a number"}.get(type(value), "null")
+    return {
+        dict: "an object",
+        list: "an array",
+        str: "a string",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+    }.get(type(value), "null")
 
 
 def _describe(exc: msgspec.DecodeError, payload: bytes) -> str:

@@ -291,7 +291,8 @@ class SQLiteJournal:
 
     def _writer_main(self, ready: asyncio.Future[None]) -> None:
         loop = self._loop
-        assert loop is not None
+        if loop is None:  # pragma: no cover - open() sets it before starting the thread
+            raise RuntimeError("journal writer started without an event loop")
         try:
             conn = self._connect(readonly=False)
             version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -378,7 +379,8 @@ class SQLiteJournal:
     async def _submit(self, fn: Callable[[sqlite3.Connection], Any], size: int = 1) -> Any:
         self._check_open()
         loop = self._loop
-        assert loop is not None
+        if loop is None:
+            raise JournalClosed("the journal is not open")
         future: asyncio.Future[Any] = loop.create_future()
         self._queue.put(_Op(fn, future, size))
         return await future
@@ -431,8 +433,12 @@ class SQLiteJournal:
         """Records matching ``q``, newest first unless ``q.newest_first`` is false."""
         where = ["seq > ?"]
         args: list[Any] = [q.after_seq]
-        for column, value in (("p_uid", q.p_uid), ("l_uid", q.l_uid), ("status", q.status),
-                              ("correlation_id", q.correlation_id)):
+        for column, value in (
+            ("p_uid", q.p_uid),
+            ("l_uid", q.l_uid),
+            ("status", q.status),
+            ("correlation_id", q.correlation_id),
+        ):
             if value is not None:
                 where.append(f"{column} = ?")
                 args.append(value)
@@ -475,8 +481,17 @@ class SQLiteJournal:
         now = to_micros(utcnow())
         row = (cursor.consumer, cursor.seq, cursor.delivered, cursor.dead_lettered, cursor.skipped, now)
         dl_rows = [
-            (d.sink, d.seq, d.correlation_id, d.stage, d.reason, d.attempts, to_micros(d.created_at),
-             d.payload, d.message)
+            (
+                d.sink,
+                d.seq,
+                d.correlation_id,
+                d.stage,
+                d.reason,
+                d.attempts,
+                to_micros(d.created_at),
+                d.payload,
+                d.message,
+            )
             for d in dead_letters
         ]
 
@@ -564,7 +579,8 @@ class SQLiteJournal:
         if report.dropped_unconsumed:
             log.warning(
                 "retention dropped %d records that a sink had not consumed yet (floor was seq %d)",
-                report.dropped_unconsumed, report.floor,
+                report.dropped_unconsumed,
+                report.floor,
             )
         return report
 
@@ -635,8 +651,17 @@ def _row_record(row: tuple[Any, ...]) -> Record:
 def _row_dead_letter(row: tuple[Any, ...]) -> DeadLetter:
     dl_id, sink, seq, corr, stage, reason, attempts, created, payload, message, redriven = row
     return DeadLetter(
-        id=dl_id, sink=sink, seq=seq, correlation_id=corr, stage=stage, reason=reason, attempts=attempts,
-        created_at=from_micros(created), payload=payload, message=message, redriven=bool(redriven),
+        id=dl_id,
+        sink=sink,
+        seq=seq,
+        correlation_id=corr,
+        stage=stage,
+        reason=reason,
+        attempts=attempts,
+        created_at=from_micros(created),
+        payload=payload,
+        message=message,
+        redriven=bool(redriven),
     )
 
 
@@ -673,9 +698,7 @@ def _retention_pass(
         floor = min(positions.get(c, 0) for c in consumers)
     target = first - 1
     if cutoff_us is not None:
-        row = conn.execute(
-            "SELECT max(seq) FROM records WHERE received_at < ?", (cutoff_us,)
-        ).fetchone()
+        row = conn.execute("SELECT max(seq) FROM records WHERE received_at < ?", (cutoff_us,)).fetchone()
         if row[0] is not None:
             target = max(target, int(row[0]))
     if policy.max_bytes is not None:

@@ -32,9 +32,7 @@ class Metrics:
             ["source", "status"],
             registry=r,
         )
-        self.deliveries = Counter(
-            "isthmus_sink_delivered", "Records delivered, by sink.", ["sink"], registry=r
-        )
+        self.deliveries = Counter("isthmus_sink_delivered", "Records delivered, by sink.", ["sink"], registry=r)
         self.skipped = Counter(
             "isthmus_sink_skipped", "Records a sink's route did not select, by sink.", ["sink"], registry=r
         )

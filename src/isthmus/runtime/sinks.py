@@ -180,7 +180,7 @@ class SinkRunner:
                 return self._give_up(batch, f"permanent: {exc}", attempt)
             except RetryableSinkError as exc:
                 reason = str(exc)
-            except Exception as exc:  # noqa: BLE001 - a plugin's bug must not stop the runner
+            except Exception as exc:
                 log.exception("sink %s raised an unexpected error", self.name)
                 reason = f"{type(exc).__name__}: {exc}"
             else:
@@ -199,8 +199,7 @@ class SinkRunner:
 
     def _give_up(self, batch: Sequence[Record], reason: str, attempts: int) -> list[DeadLetter]:
         self._set_state(Health.FAILING, reason)
-        log.warning("sink %s: dead-lettering %d records after %d attempts: %s",
-                    self.name, len(batch), attempts, reason)
+        log.warning("sink %s: dead-lettering %d records after %d attempts: %s", self.name, len(batch), attempts, reason)
         return [self._dead_letter(r, reason, attempts) for r in batch]
 
     def _rejected(self, batch: Sequence[Record], result: WriteResult | None, attempts: int) -> list[DeadLetter]:

@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 ATTRIBUTES_CONSUMER = "_attributes"
-ADMIN_TOKEN_FILE = "admin.token"
+ADMIN_TOKEN_FILE = "admin.token"  # noqa: S105 - a file name, not a secret
 SEEN_FLUSH_INTERVAL = 5.0
 DEFAULT_DECODER = "thingsboard"
 
@@ -99,9 +99,13 @@ class Runtime:
             if hasattr(sink, "query"):
                 self._readers[sc.name] = sink  # type: ignore[assignment]
         self.runners[ATTRIBUTES_CONSUMER] = SinkRunner(
-            ATTRIBUTES_CONSUMER, "attributes", self.attributes, self.journal,
-            RunnerSettings(kinds=frozenset({"attributes"}), requires_mapping=False, max_attempts=1_000_000,
-                           backoff_max=5.0),
+            ATTRIBUTES_CONSUMER,
+            "attributes",
+            self.attributes,
+            self.journal,
+            RunnerSettings(
+                kinds=frozenset({"attributes"}), requires_mapping=False, max_attempts=1_000_000, backoff_max=5.0
+            ),
             self.metrics,
         )
 
@@ -144,7 +148,7 @@ class Runtime:
     async def _flush_seen(self) -> None:
         try:
             await self.in_thread(self.cache.flush_seen)
-        except Exception:  # noqa: BLE001 - last_seen is advisory; never stop the loop over it
+        except Exception:
             log.exception("could not update last_seen")
 
     async def stop(self) -> None:

@@ -8,7 +8,6 @@ network destination.
 from __future__ import annotations
 
 from collections.abc import Sequence
-
 from datetime import datetime
 
 from isthmus.errors import PermanentSinkError, RetryableSinkError
@@ -33,14 +32,34 @@ def make_record(
     now = received_at or utcnow()
     corr = new_correlation_id()
     payload = b'{"%s": %s}' % (name.encode(), repr(value).encode())
-    frame = RawFrame(correlation_id=corr, received_at=now, source="http", payload=payload, kind=kind,
-                     content_type="application/json", meta={"path": "/test"})
+    frame = RawFrame(
+        correlation_id=corr,
+        received_at=now,
+        source="http",
+        payload=payload,
+        kind=kind,
+        content_type="application/json",
+        meta={"path": "/test"},
+    )
     if status is Status.DECODE_ERROR:
         return Record(frame=frame, status=status, p_uid=p_uid, error="scripted decode error")
-    message = Message(correlation_id=corr, received_at=now, source="http", p_uid=p_uid, kind=kind,
-                      timestamp=timestamp or now, timeseries=[Point(name, value)], l_uid=l_uid)
-    return Record(frame=frame, status=status, p_uid=p_uid, message=message,
-                  error="scripted quarantine" if status is Status.QUARANTINED else None)
+    message = Message(
+        correlation_id=corr,
+        received_at=now,
+        source="http",
+        p_uid=p_uid,
+        kind=kind,
+        timestamp=timestamp or now,
+        timeseries=[Point(name, value)],
+        l_uid=l_uid,
+    )
+    return Record(
+        frame=frame,
+        status=status,
+        p_uid=p_uid,
+        message=message,
+        error="scripted quarantine" if status is Status.QUARANTINED else None,
+    )
 
 
 class RecordingSink:
