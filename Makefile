@@ -43,9 +43,10 @@ lint: $(STAMP)
 types: $(STAMP)
 	$(BIN)/mypy
 
-## docs: regenerate the CLI reference (a test fails when the checked-in copy is stale)
+## docs: regenerate the CLI and configuration references (a test fails when the checked-in copy is stale)
 docs: $(STAMP)
 	$(BIN)/python -m isthmus.cli.docs > docs/cli.md
+	$(BIN)/python -m isthmus.config > docs/configuration.md
 
 ## check: lint + types + tests (the tests include the docs check)
 check: lint types test
