@@ -23,7 +23,18 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from isthmus import __version__
-from isthmus.errors import AuthError, Conflict, Forbidden, InvalidRequest, IsthmusError, NotFound
+from isthmus.errors import (
+    AuthError,
+    ConfigError,
+    Conflict,
+    DecodeError,
+    Forbidden,
+    InvalidRequest,
+    IsthmusError,
+    JournalError,
+    NotFound,
+    RegistryError,
+)
 from isthmus.interfaces import RecordQuery
 from isthmus.message import Record
 from isthmus.registry.models import (
@@ -40,14 +51,25 @@ from isthmus.registry.models import (
 if TYPE_CHECKING:
     from isthmus.runtime.supervisor import Runtime
 
-_STATUS: dict[type[IsthmusError], int] = {Forbidden: 403, AuthError: 401, NotFound: 404, Conflict: 409}
+# Most specific class first wins (walk of the MRO). Storage failures are 503: retry later.
+_STATUS: dict[type[IsthmusError], int] = {
+    Forbidden: 403,
+    AuthError: 401,
+    NotFound: 404,
+    Conflict: 409,
+    InvalidRequest: 400,
+    DecodeError: 400,
+    ConfigError: 400,
+    RegistryError: 503,
+    JournalError: 503,
+}
 
 
 def _status_for(exc: IsthmusError) -> int:
     for cls in type(exc).__mro__:
         if cls in _STATUS:
             return _STATUS[cls]
-    return 400
+    return 500
 
 
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
