@@ -1,0 +1,235 @@
+"""``isthmus pd`` and ``isthmus ld``: physical and logical devices, as in IoTa's broker-cli."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+
+from isthmus.cli.client import ApiClient
+from isthmus.cli.output import print_json, read_json_object, without_properties
+from isthmus.cli.session import session
+
+pd_app = typer.Typer(
+    name="pd",
+    help="Physical devices: the sensors in the field, as they appear to a source.",
+    add_completion=False,
+)
+ld_app = typer.Typer(
+    name="ld",
+    help="Logical devices: the destinations whose time series outlive any one physical device.",
+    add_completion=False,
+)
+
+PUid = Annotated[
+    int, typer.Option("--puid", metavar="PUID", min=1, help="The physical device's uid.", show_default=False)
+]
+LUid = Annotated[
+    int, typer.Option("--luid", metavar="LUID", min=1, help="The logical device's uid.", show_default=False)
+]
+Properties = Annotated[
+    bool,
+    typer.Option(
+        "--properties", help="Include the free-form properties field (left out by default to reduce clutter)."
+    ),
+]
+Plain = Annotated[
+    bool,
+    typer.Option("--plain", help="One line per device instead of JSON: uid, name, source and current mapping."),
+]
+LdPlain = Annotated[
+    bool,
+    typer.Option("--plain", help="One line per device instead of JSON: uid, name and the physical device feeding it."),
+]
+Source = Annotated[
+    str | None,
+    typer.Option("--source", metavar="SOURCE", help="Only devices of this source (http, mqtt, …).", show_default=False),
+]
+JsonText = Annotated[
+    str | None,
+    typer.Option("--json", metavar="JSON", help="The JSON object, inline.", show_default=False),
+]
+JsonFile = Annotated[
+    str | None,
+    typer.Option(
+        "--file",
+        metavar="PATH",
+        help="Read the JSON object from a file; '-' reads standard input.",
+        show_default=False,
+    ),
+]
+
+
+# --- physical devices -------------------------------------------------------------------------
+
+
+@pd_app.command("get")
+def pd_get(ctx: typer.Context, puid: PUid, properties: Properties = False) -> None:
+    """Print the physical device PUID as JSON."""
+    with session(ctx).client() as api:
+        device = api.get(f"/mgmt/physical/{puid}", {"properties": properties})
+    print_json(without_properties(device, properties))
+
+
+@pd_app.command("ls")
+def pd_ls(ctx: typer.Context, source: Source = None, properties: Properties = False, plain: Plain = False) -> None:
+    """List physical devices, mapped and unmapped, as JSON (or one line each with --plain)."""
+    _list_physical(ctx, source=source, properties=properties, plain=plain, unmapped=False)
+
+
+@pd_app.command("lum")
+def pd_lum(ctx: typer.Context, source: Source = None, properties: Properties = False, plain: Plain = False) -> None:
+    """List the physical devices that are not mapped to a logical device."""
+    _list_physical(ctx, source=source, properties=properties, plain=plain, unmapped=True)
+
+
+@pd_app.command("create")
+def pd_create(ctx: typer.Context, json_text: JsonText = None, file: JsonFile = None) -> None:
+    """Create a physical device from a JSON object and print it (its uid and token included).
+
+    Example: isthmus pd create --json '{"name": "tank-7", "source_name": "http"}'
+    """
+    body = read_json_object(ctx, json_text, file)
+    with session(ctx).client() as api:
+        print_json(api.post("/mgmt/physical", body))
+
+
+@pd_app.command("up")
+def pd_up(ctx: typer.Context, puid: PUid, json_text: JsonText = None, file: JsonFile = None) -> None:
+    """Update the physical device PUID with the fields of a JSON object; print the result.
+
+    Only the fields present in the object change.
+    """
+    body = read_json_object(ctx, json_text, file)
+    with session(ctx).client() as api:
+        print_json(api.patch(f"/mgmt/physical/{puid}", body))
+
+
+@pd_app.command("rm")
+def pd_rm(ctx: typer.Context, puid: PUid) -> None:
+    """Delete the physical device PUID and print it as it was."""
+    with session(ctx).client() as api:
+        print_json(api.delete(f"/mgmt/physical/{puid}"))
+
+
+def _list_physical(ctx: typer.Context, *, source: str | None, properties: bool, plain: bool, unmapped: bool) -> None:
+    params = {
+        "source": source,
+        "properties": properties and not plain,
+        "unmapped": True if unmapped else None,
+    }
+    with session(ctx).client() as api:
+        devices = _as_list(api.get("/mgmt/physical", params))
+        if not plain:
+            print_json(without_properties(devices, properties))
+            return
+        logical: dict[int, str] = {}
+        mappings: dict[int, dict[str, Any] | None] = {}
+        if not unmapped and devices:
+            logical = _names(api.get("/mgmt/logical", {"properties": False}))
+            for device in devices:
+                uid = device.get("uid")
+                if isinstance(uid, int):
+                    mappings[uid] = _current_mapping(api, p_uid=uid)
+    for device in devices:
+        target = _mapped(mappings, device, "->", "l_uid", logical)
+        uid, name, source = device.get("uid", "?"), device.get("name", ""), device.get("source_name", "")
+        typer.echo(f"{uid:>4} {name:<40} {source:<8} {target}".rstrip())
+
+
+# --- logical devices --------------------------------------------------------------------------
+
+
+@ld_app.command("get")
+def ld_get(ctx: typer.Context, luid: LUid, properties: Properties = False) -> None:
+    """Print the logical device LUID as JSON."""
+    with session(ctx).client() as api:
+        device = api.get(f"/mgmt/logical/{luid}", {"properties": properties})
+    print_json(without_properties(device, properties))
+
+
+@ld_app.command("ls")
+def ld_ls(ctx: typer.Context, properties: Properties = False, plain: LdPlain = False) -> None:
+    """List logical devices as JSON (or one line each with --plain, with the physical device feeding it)."""
+    with session(ctx).client() as api:
+        devices = _as_list(api.get("/mgmt/logical", {"properties": properties and not plain}))
+        if not plain:
+            print_json(without_properties(devices, properties))
+            return
+        physical: dict[int, str] = {}
+        mappings: dict[int, dict[str, Any] | None] = {}
+        if devices:
+            physical = _names(api.get("/mgmt/physical", {"properties": False}))
+            for device in devices:
+                uid = device.get("uid")
+                if isinstance(uid, int):
+                    mappings[uid] = _current_mapping(api, l_uid=uid)
+    for device in devices:
+        source = _mapped(mappings, device, "<-", "p_uid", physical)
+        typer.echo(f"{device.get('uid', '?'):>4} {device.get('name', ''):<40} {source}".rstrip())
+
+
+@ld_app.command("create")
+def ld_create(ctx: typer.Context, json_text: JsonText = None, file: JsonFile = None) -> None:
+    """Create a logical device from a JSON object and print it (its uid included).
+
+    Example: isthmus ld create --json '{"name": "tank 7 level"}'
+    """
+    body = read_json_object(ctx, json_text, file)
+    with session(ctx).client() as api:
+        print_json(api.post("/mgmt/logical", body))
+
+
+@ld_app.command("up")
+def ld_up(ctx: typer.Context, luid: LUid, json_text: JsonText = None, file: JsonFile = None) -> None:
+    """Update the logical device LUID with the fields of a JSON object; print the result.
+
+    Only the fields present in the object change.
+    """
+    body = read_json_object(ctx, json_text, file)
+    with session(ctx).client() as api:
+        print_json(api.patch(f"/mgmt/logical/{luid}", body))
+
+
+@ld_app.command("rm")
+def ld_rm(ctx: typer.Context, luid: LUid) -> None:
+    """Delete the logical device LUID and print it as it was."""
+    with session(ctx).client() as api:
+        print_json(api.delete(f"/mgmt/logical/{luid}"))
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+def _as_list(data: Any) -> list[dict[str, Any]]:
+    if not isinstance(data, list):
+        return []
+    return [d for d in data if isinstance(d, dict)]
+
+
+def _names(data: Any) -> dict[int, str]:
+    return {d["uid"]: str(d.get("name", "")) for d in _as_list(data) if isinstance(d.get("uid"), int)}
+
+
+def _current_mapping(api: ApiClient, **device: int) -> dict[str, Any] | None:
+    answer = api.get("/mgmt/mappings", device)
+    current = answer.get("current") if isinstance(answer, dict) else None
+    return current if isinstance(current, dict) else None
+
+
+def _mapped(
+    mappings: dict[int, dict[str, Any] | None],
+    device: dict[str, Any],
+    arrow: str,
+    key: str,
+    names: dict[int, str],
+) -> str:
+    """``-> 3 tank level`` for the device's current mapping (``key`` names the other end), or ``""``."""
+    uid = device.get("uid")
+    mapping = mappings.get(uid) if isinstance(uid, int) else None
+    if mapping is None:
+        return ""
+    other = mapping.get(key)
+    name = names.get(other, "?") if isinstance(other, int) else "?"
+    text = f"{arrow} {other} {name}"
+    return text + " (paused)" if mapping.get("paused") else text
