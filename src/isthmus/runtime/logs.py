@@ -13,7 +13,8 @@ import msgspec
 
 from isthmus.config import LogConfig
 
-_STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
+# Attributes every LogRecord has, plus uvicorn's ANSI-coloured duplicate of the message.
+_STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime", "color_message"}
 
 
 class JsonFormatter(logging.Formatter):
