@@ -190,8 +190,14 @@ class CursorStore(Protocol):
         """The committed cursor of ``consumer``, or a new one at the journal's start."""
         ...
 
-    async def commit_cursor(self, cursor: Cursor, dead_letters: Sequence[DeadLetter] = ()) -> None:
-        """Durably store ``cursor`` together with the dead letters that moved it (one commit)."""
+    async def commit_cursor(
+        self, cursor: Cursor, dead_letters: Sequence[DeadLetter] = (), redriven: Sequence[int] = ()
+    ) -> None:
+        """Durably store ``cursor`` with the dead letters that moved it, in one commit.
+
+        ``redriven`` names dead letters (by id) that a redrive has now delivered; they are marked so,
+        in the same commit that moves their count from dead-lettered to delivered.
+        """
         ...
 
 

@@ -14,7 +14,7 @@ msgspec (``encode_message`` / ``decode_message``); never hand-write them.
 from __future__ import annotations
 
 import enum
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import msgspec
@@ -44,8 +44,8 @@ def to_micros(ts: datetime) -> int:
 
 
 def from_micros(us: int) -> datetime:
-    """Inverse of :func:`to_micros`."""
-    return datetime.fromtimestamp(us / 1_000_000, UTC)
+    """Inverse of :func:`to_micros` (exact: integer arithmetic, no float rounding)."""
+    return _EPOCH + timedelta(microseconds=us)
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

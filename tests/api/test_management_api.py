@@ -143,9 +143,11 @@ async def test_openapi_docs_health_metrics(instance: Any) -> None:
 
 
 class _Failing(BaseHTTPRequestHandler):
+    status = 500  # the test flips it to 200 to let the destination recover
+
     def do_POST(self) -> None:
         self.rfile.read(int(self.headers.get("content-length", 0)))
-        self.send_response(500)
+        self.send_response(type(self).status)
         self.send_header("content-length", "0")
         self.end_headers()
 
@@ -155,6 +157,7 @@ class _Failing(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def failing_webhook() -> Iterator[str]:
+    _Failing.status = 500
     server = HTTPServer(("127.0.0.1", 0), _Failing)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -202,3 +205,14 @@ async def test_failing_sink_dead_letters_others_unaffected_ready_reports_it(
     assert any("hook" in p for p in ready.json()["problems"])
     points = (await instance.admin.get("/mgmt/timeseries", params={"l_uid": dev["l_uid"]})).json()
     assert len(points) == 3
+
+    # The destination recovers: the operator redrives the dead letters.
+    _Failing.status = 200
+    r = await instance.admin.post("/mgmt/dead-letters/redrive", json={"sink": "hook"})
+    assert r.json() == {"redriven": 3, "failed": 0, "reason": None}
+    sinks = {s["name"]: s for s in (await instance.admin.get("/mgmt/sinks")).json()}
+    assert (sinks["hook"]["delivered"], sinks["hook"]["dead_lettered"]) == (3, 0)
+    assert sinks["hook"]["state"] == "healthy"
+    assert (await instance.http.get("/ready")).status_code == 200
+    assert all(d["redriven"] for d in (await instance.admin.get("/mgmt/dead-letters")).json())
+    assert_error_shape(await instance.admin.post("/mgmt/dead-letters/redrive", json={"sink": "nope"}), 404, "not_found")

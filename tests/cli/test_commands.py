@@ -437,6 +437,17 @@ def test_dlq_ls_empty(cli, fake) -> None:
     assert json.loads(cli("dlq", "ls", "--json").stdout) == []
 
 
+def test_dlq_redrive_sends_the_sink_and_ids(cli, fake) -> None:
+    fake.on("POST", "/mgmt/dead-letters/redrive", {"redriven": 2, "failed": 0, "reason": None})
+    result = cli("dlq", "redrive", "--sink", "hook", "--id", "3", "--id", "4")
+    assert result.exit_code == 0, result.output
+    assert json.loads(fake.requests[-1].content) == {"sink": "hook", "limit": 1000, "ids": [3, 4]}
+    assert json.loads(result.stdout)["redriven"] == 2
+    everything = cli("dlq", "redrive", "--sink", "hook")
+    assert everything.exit_code == 0
+    assert json.loads(fake.requests[-1].content) == {"sink": "hook", "limit": 1000}
+
+
 def test_url_and_token_come_from_the_configuration(fake, tmp_path: Path) -> None:
     data = tmp_path / "data"
     data.mkdir()

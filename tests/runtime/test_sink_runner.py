@@ -168,3 +168,30 @@ async def test_books_balance(journal: SQLiteJournal) -> None:
     pending = journal.last_seq - c.seq
     assert journal.last_seq == c.delivered + c.dead_lettered + c.skipped + pending
     assert (c.delivered, c.dead_lettered, c.skipped) == (12, 1, 5)
+
+
+async def test_redrive_delivers_dead_letters_and_rebalances_the_books(journal: SQLiteJournal) -> None:
+    await journal.append([record() for _ in range(3)])
+    sink = RecordingSink(fail_always=True)
+    r = runner("s", sink, journal)
+    async with running(r):
+        await until(lambda: r.cursor.seq == 3)
+        letters = await journal.dead_letters("s")
+        assert len(letters) == 3
+
+        failed_again = await r.redrive(letters)
+        assert (failed_again.redriven, failed_again.failed) == (0, 3)
+        assert "scripted transient failure" in (failed_again.reason or "")
+
+        sink.fail_always = False
+        result = await r.redrive(letters)
+        assert (result.redriven, result.failed) == (3, 0)
+        assert [x.frame.correlation_id for x in sink.written] == [d.correlation_id for d in letters]
+        assert sink.written[0].message is not None and sink.written[0].message.l_uid == 1
+        assert all(d.redriven for d in await journal.dead_letters("s"))
+        assert await journal.dead_letters("s", pending_only=True) == []
+        again = await r.redrive(await journal.dead_letters("s"))
+        assert again.redriven == 0, "a dead letter is redriven once"
+    stored = await journal.load_cursor("s")
+    assert (stored.delivered, stored.dead_lettered, stored.skipped) == (3, 0, 0)
+    assert r.state is Health.HEALTHY

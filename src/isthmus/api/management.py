@@ -35,7 +35,7 @@ from isthmus.errors import (
     NotFound,
     RegistryError,
 )
-from isthmus.interfaces import RecordQuery
+from isthmus.interfaces import DeadLetter, RecordQuery
 from isthmus.message import Record
 from isthmus.registry.models import (
     LogicalDevice,
@@ -161,6 +161,18 @@ class SinkOut(_Out):
     skipped: int
 
 
+class RedriveIn(_Out):
+    sink: str = Field(description="The sink whose dead letters to deliver again.")
+    ids: list[int] | None = Field(None, description="Dead letter ids (default: the oldest not yet redriven).")
+    limit: int = Field(1000, ge=1, le=10_000, description="Most dead letters to redrive when ids is not given.")
+
+
+class RedriveOut(_Out):
+    redriven: int = Field(description="Dead letters delivered and marked redriven.")
+    failed: int = Field(description="Dead letters that failed again (they stay dead-lettered).")
+    reason: str | None = Field(description="Why the failed ones failed.")
+
+
 class DeadLetterOut(_Out):
     id: int
     sink: str
@@ -173,6 +185,7 @@ class DeadLetterOut(_Out):
     payload: str
     payload_encoding: Literal["utf-8", "base64"]
     message: dict[str, Any] | None
+    redriven: bool = Field(description="Delivered later by a redrive.")
 
 
 def _payload(data: bytes) -> tuple[str, Literal["utf-8", "base64"]]:
@@ -497,6 +510,21 @@ def management_app(rt: Runtime) -> FastAPI:
     ) -> list[DeadLetterOut]:
         return [_dead_letter_out(d) for d in await rt.journal.dead_letters(sink, after_id=after_id, limit=limit)]
 
+    @app.post("/mgmt/dead-letters/redrive", tags=["sinks"], summary="Deliver dead letters to their sink again")
+    async def redrive(_: Writer, body: RedriveIn) -> RedriveOut:
+        runner = rt.runners.get(body.sink)
+        if runner is None:
+            raise NotFound(f"no running sink named {body.sink!r}")
+        if body.ids is None:
+            letters = await rt.journal.dead_letters(body.sink, limit=body.limit, pending_only=True)
+        else:
+            letters = [await rt.journal.dead_letter(i) for i in body.ids]
+            foreign = [d.id for d in letters if d.sink != body.sink]
+            if foreign:
+                raise InvalidRequest(f"dead letters {foreign} belong to another sink")
+        result = await runner.redrive(letters)
+        return RedriveOut(redriven=result.redriven, failed=result.failed, reason=result.reason)
+
     @app.get("/mgmt/dead-letters/{dl_id}", tags=["sinks"])
     async def dead_letter(_: Reader, dl_id: int) -> DeadLetterOut:
         return _dead_letter_out(await rt.journal.dead_letter(dl_id))
@@ -504,7 +532,7 @@ def management_app(rt: Runtime) -> FastAPI:
     return app
 
 
-def _dead_letter_out(d: Any) -> DeadLetterOut:
+def _dead_letter_out(d: DeadLetter) -> DeadLetterOut:
     payload, encoding = _payload(d.payload)
     message = msgspec.json.decode(d.message) if d.message else None
     return DeadLetterOut(
@@ -519,6 +547,7 @@ def _dead_letter_out(d: Any) -> DeadLetterOut:
         payload=payload,
         payload_encoding=encoding,
         message=message,
+        redriven=d.redriven,
     )
 
 

@@ -273,3 +273,21 @@ def dlq_show(
     """Print one dead letter as JSON, with its payload and message."""
     with session(ctx).client() as api:
         print_json(api.get(f"/mgmt/dead-letters/{dead_letter_id}"))
+
+
+@dlq_app.command("redrive")
+def dlq_redrive(
+    ctx: typer.Context,
+    sink: Annotated[str, typer.Option("--sink", help="The sink whose dead letters to deliver again.")],
+    ids: Annotated[
+        list[int] | None,
+        typer.Option("--id", min=1, help="A dead letter id (repeatable); default: the oldest not yet redriven."),
+    ] = None,
+    limit: Annotated[int, typer.Option(min=1, max=10_000, help="Most dead letters to redrive without --id.")] = 1000,
+) -> None:
+    """Deliver dead letters to their sink again; delivered ones are marked redriven."""
+    body: dict[str, object] = {"sink": sink, "limit": limit}
+    if ids:
+        body["ids"] = ids
+    with session(ctx).client() as api:
+        print_json(api.post("/mgmt/dead-letters/redrive", body))

@@ -476,8 +476,11 @@ class SQLiteJournal:
         result: Cursor = await self._read(fetch)
         return result
 
-    async def commit_cursor(self, cursor: Cursor, dead_letters: Sequence[DeadLetter] = ()) -> None:
-        """Store ``cursor`` and ``dead_letters`` in one transaction."""
+    async def commit_cursor(
+        self, cursor: Cursor, dead_letters: Sequence[DeadLetter] = (), redriven: Sequence[int] = ()
+    ) -> None:
+        """Store ``cursor``, new ``dead_letters`` and the ``redriven`` marks in one transaction."""
+        marks = [(dl_id, cursor.consumer) for dl_id in redriven]
         now = to_micros(utcnow())
         row = (cursor.consumer, cursor.seq, cursor.delivered, cursor.dead_lettered, cursor.skipped, now)
         dl_rows = [
@@ -501,6 +504,7 @@ class SQLiteJournal:
                 " payload, message) VALUES (?,?,?,?,?,?,?,?,?)",
                 dl_rows,
             )
+            conn.executemany("UPDATE dead_letters SET redriven = 1 WHERE id = ? AND sink = ?", marks)
             conn.execute(
                 "INSERT INTO cursors (consumer, seq, delivered, dead_lettered, skipped, updated_at)"
                 " VALUES (?,?,?,?,?,?) ON CONFLICT (consumer) DO UPDATE SET seq = excluded.seq,"
@@ -513,10 +517,14 @@ class SQLiteJournal:
 
     # ------------------------------------------------------------------ dead letters
 
-    async def dead_letters(self, sink: str | None = None, *, after_id: int = 0, limit: int = 100) -> list[DeadLetter]:
-        """Dead letters, oldest first, optionally for one sink."""
+    async def dead_letters(
+        self, sink: str | None = None, *, after_id: int = 0, limit: int = 100, pending_only: bool = False
+    ) -> list[DeadLetter]:
+        """Dead letters, oldest first, optionally for one sink, optionally only those not redriven."""
         sql = f"SELECT {_DL_COLUMNS} FROM dead_letters WHERE id > ?"  # noqa: S608
         args: list[Any] = [after_id]
+        if pending_only:
+            sql += " AND redriven = 0"
         if sink is not None:
             sql += " AND sink = ?"
             args.append(sink)

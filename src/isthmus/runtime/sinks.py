@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from isthmus.errors import JournalError, PermanentSinkError, RetryableSinkError, SinkError
 from isthmus.interfaces import Cursor, DeadLetter, Sink, WriteResult
 from isthmus.journal.sqlite import SQLiteJournal
-from isthmus.message import Record, encode_message, utcnow
+from isthmus.message import RawFrame, Record, Status, decode_message, encode_message, utcnow
 from isthmus.runtime.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,8 @@ class SinkRunner:
         self._dead = metrics.dead_letters.labels(name)
         self._lag = metrics.journal_lag.labels(name)
         self._state_gauge = metrics.sink_state.labels(name)
+        # Serialises delivery of new records with redrives, so the books never race.
+        self._books = asyncio.Lock()
 
     def _set_state(self, state: Health, error: str | None = None) -> None:
         if state is not self.state:
@@ -102,7 +104,7 @@ class SinkRunner:
 
     def selects(self, record: Record) -> bool:
         """Whether this sink's route takes ``record`` (otherwise it is skipped and counted)."""
-        if record.message is None or record.status.value != "ok":
+        if record.message is None or record.status is not Status.OK:
             return False
         if record.frame.kind not in self.settings.kinds:
             return False
@@ -145,6 +147,10 @@ class SinkRunner:
         return _cut_by_bytes(records, s.batch_max_bytes)
 
     async def _handle(self, records: list[Record]) -> None:
+        async with self._books:
+            await self._handle_locked(records)
+
+    async def _handle_locked(self, records: list[Record]) -> None:
         selected = [r for r in records if self.selects(r)]
         dead: list[DeadLetter] = []
         if selected:
@@ -168,6 +174,35 @@ class SinkRunner:
         self._delivered.inc(len(selected) - len(dead))
         self._dead.inc(len(dead))
         self._skipped.inc(len(records) - len(selected))
+
+    async def redrive(self, letters: Sequence[DeadLetter]) -> RedriveResult:
+        """Deliver dead letters of this sink again, with the runner's retry policy.
+
+        Letters already redriven, of another sink or without a message are ignored. Those delivered
+        are marked redriven and move from dead-lettered to delivered in the books (one commit);
+        those that fail again stay as they are, and the result says why.
+        """
+        pending = [d for d in letters if d.sink == self.name and not d.redriven and d.message is not None]
+        if not pending:
+            return RedriveResult(0, 0, None)
+        records = [_record_from_dead_letter(d) for d in pending]
+        async with self._books:
+            dead = await self._deliver(records)
+            failed = {(d.seq, d.correlation_id) for d in dead}
+            done = [d for d in pending if (d.seq, d.correlation_id) not in failed]
+            cursor = self.cursor
+            next_cursor = Cursor(
+                cursor.consumer,
+                seq=cursor.seq,
+                delivered=cursor.delivered + len(done),
+                dead_lettered=cursor.dead_lettered - len(done),
+                skipped=cursor.skipped,
+            )
+            await self.journal.commit_cursor(next_cursor, (), [d.id for d in done])
+            self.cursor = next_cursor
+        self._delivered.inc(len(done))
+        reason = dead[0].reason if dead else None
+        return RedriveResult(len(done), len(pending) - len(done), reason)
 
     async def _deliver(self, batch: list[Record]) -> list[DeadLetter]:
         """Write ``batch`` with retries; return the dead letters (empty when all went through)."""
@@ -224,6 +259,27 @@ class SinkRunner:
             payload=record.frame.payload,
             message=encode_message(record.message) if record.message is not None else None,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class RedriveResult:
+    """What a redrive did: how many letters were delivered, how many failed again and why."""
+
+    redriven: int
+    failed: int
+    reason: str | None
+
+
+def _record_from_dead_letter(d: DeadLetter) -> Record:
+    message = decode_message(d.message or b"")
+    frame = RawFrame(
+        correlation_id=d.correlation_id,
+        received_at=message.received_at,
+        source=message.source,
+        payload=d.payload,
+        kind=message.kind,
+    )
+    return Record(frame=frame, status=Status.OK, p_uid=message.p_uid, message=message, seq=d.seq)
 
 
 def _cut_by_bytes(records: list[Record], limit: int) -> list[Record]:
