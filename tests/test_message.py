@@ -9,7 +9,6 @@ from hypothesis import strategies as st
 
 from isthmus.message import Message, Point, decode_message, encode_message, from_micros, to_micros
 
-
 # Hypothesis takes naive bounds and attaches the timezone itself.
 NAIVE_MIN, NAIVE_MAX = datetime(1, 1, 2), datetime(9999, 12, 30)  # noqa: DTZ001
 

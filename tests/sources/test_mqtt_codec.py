@@ -168,9 +168,7 @@ def time_limit(seconds: float) -> Iterator[None]:
 
 # Sample packets: every type a client sends, per protocol version.
 SAMPLES_V4: list[Packet] = [
-    Connect(
-        4, "dev-1", False, 30, "user", b"pass\x00word", Will("devices/dev-1/status", b"offline", 1, True)
-    ),
+    Connect(4, "dev-1", False, 30, "user", b"pass\x00word", Will("devices/dev-1/status", b"offline", 1, True)),
     Publish(TELEMETRY, b'{"temperature":21.5}', 0),
     Publish(TELEMETRY, b"", 1, retain=True, packet_id=1),
     Publish("a/b/c", b"\x00\xff" * 100, 2, dup=True, packet_id=65535),
@@ -443,9 +441,7 @@ def test_remaining_length_boundaries(remaining_length: int) -> None:
     decoder = connected(4, max_packet_size=3_000_000)
     payload = bytes(remaining_length - 3)  # topic "t" takes 3 bytes
     data = encode_publish("t", payload, 0)
-    header_length = (
-        2 + (remaining_length >= 0x80) + (remaining_length >= 0x4000) + (remaining_length >= 0x200000)
-    )
+    header_length = 2 + (remaining_length >= 0x80) + (remaining_length >= 0x4000) + (remaining_length >= 0x200000)
     assert len(data) == header_length + remaining_length
     # Nothing comes out until the last byte, however the header is split.
     for i in range(header_length + 1):
@@ -641,9 +637,7 @@ def test_packet_id_zero(version: int) -> None:
     assert_rejected(raw_packet(0xA2, b"\x00\x00" + props + raw_str(b"a")), 0x82, connected(version))
 
 
-@pytest.mark.parametrize(
-    "first", [encode_publish("a", b"", 0), encode_pingreq(), encode_subscribe(1, [("a", 0)], 4)]
-)
+@pytest.mark.parametrize("first", [encode_publish("a", b"", 0), encode_pingreq(), encode_subscribe(1, [("a", 0)], 4)])
 def test_publish_or_anything_before_connect(first: bytes) -> None:
     error = assert_rejected(first, 0x82)
     assert error.connack_version is None
@@ -716,10 +710,7 @@ def test_connect_protocol_name_and_level() -> None:
     assert encode_connack(False, error.reason_code, error.connack_version) == b"\x20\x02\x00\x01"
     level_6 = raw_packet(0x10, raw_str(b"MQTT") + b"\x06\x02\x00\x3c" + raw_str(b"new"))
     assert assert_rejected(level_6, 0x84).connack_version == 4
-    assert (
-        assert_rejected(raw_packet(0x10, raw_str(b"HTTP") + b"\x04\x02\x00\x3c"), 0x82).connack_version
-        is None
-    )
+    assert assert_rejected(raw_packet(0x10, raw_str(b"HTTP") + b"\x04\x02\x00\x3c"), 0x82).connack_version is None
 
 
 def test_connect_flag_violations() -> None:
@@ -764,9 +755,7 @@ def test_auth_and_disconnect_rules() -> None:
 
 
 MQTT_TEXT = st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\x00"), max_size=12)
-TOPIC_NAMES = st.text(
-    st.characters(exclude_categories=["Cs"], exclude_characters="\x00+#"), min_size=1, max_size=12
-)
+TOPIC_NAMES = st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\x00+#"), min_size=1, max_size=12)
 USER_PROPERTIES = st.lists(st.tuples(MQTT_TEXT, MQTT_TEXT), min_size=1, max_size=3)
 U16 = st.integers(1, 0xFFFF)
 U32 = st.integers(0, 0xFFFFFFFF)
@@ -862,9 +851,7 @@ def connects(draw: st.DrawFn, version: int) -> Connect:
     password = draw(st.none() | st.binary(max_size=12))
     if version == 4 and username is None:
         password = None
-    return Connect(
-        version, client_id, clean_start, draw(st.integers(0, 0xFFFF)), username, password, will, props
-    )
+    return Connect(version, client_id, clean_start, draw(st.integers(0, 0xFFFF)), username, password, will, props)
 
 
 def client_packets(version: int) -> st.SearchStrategy[Packet]:
@@ -878,9 +865,7 @@ def client_packets(version: int) -> st.SearchStrategy[Packet]:
     )
 
 
-ROUND_TRIP = settings(
-    max_examples=100, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
-)
+ROUND_TRIP = settings(max_examples=100, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 FUZZ = settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -1002,19 +987,13 @@ def serve_one_connection(listener: socket.socket) -> tuple[list[Packet], bytes]:
                     case Pubrel():
                         conn.sendall(encode_pubcomp(packet.packet_id, version))
                     case Subscribe():
-                        conn.sendall(
-                            encode_suback(packet.packet_id, [o & 3 for _, o in packet.subscriptions], version)
-                        )
+                        conn.sendall(encode_suback(packet.packet_id, [o & 3 for _, o in packet.subscriptions], version))
                         user: Properties = {"user_property": [("origin", "test")]}
                         conn.sendall(
-                            encode_publish(
-                                "cmd/reboot", b"now", 1, 1, False, version, user if version == 5 else None
-                            )
+                            encode_publish("cmd/reboot", b"now", 1, 1, False, version, user if version == 5 else None)
                         )
                     case Unsubscribe():
-                        conn.sendall(
-                            encode_unsuback(packet.packet_id, [0] * len(packet.topic_filters), version)
-                        )
+                        conn.sendall(encode_unsuback(packet.packet_id, [0] * len(packet.topic_filters), version))
                     case Pingreq():
                         conn.sendall(encode_pingresp())
                     case Disconnect():

@@ -305,17 +305,7 @@ class Auth:
 
 
 Packet: TypeAlias = (
-    Connect
-    | Publish
-    | Puback
-    | Pubrec
-    | Pubrel
-    | Pubcomp
-    | Subscribe
-    | Unsubscribe
-    | Pingreq
-    | Disconnect
-    | Auth
+    Connect | Publish | Puback | Pubrec | Pubrel | Pubcomp | Subscribe | Unsubscribe | Pingreq | Disconnect | Auth
 )
 """Every packet type :meth:`Decoder.feed` can return."""
 
@@ -709,9 +699,7 @@ class Decoder:
                     break
             total = hl + rl
             if total > max_size:
-                raise ProtocolError(
-                    PACKET_TOO_LARGE, f"packet of {total} bytes exceeds maximum of {max_size}"
-                )
+                raise ProtocolError(PACKET_TOO_LARGE, f"packet of {total} bytes exceeds maximum of {max_size}")
             end = pos + total
             if end > n:
                 need = total
@@ -759,9 +747,7 @@ class Decoder:
                     else:
                         props, q = _read_properties(data, q, end, _PUBLISH_PROPS)
                         if "subscription_identifier" in props:
-                            raise ProtocolError(
-                                PROTOCOL_ERROR, "client PUBLISH carries a subscription identifier"
-                            )
+                            raise ProtocolError(PROTOCOL_ERROR, "client PUBLISH carries a subscription identifier")
                     if not topic and "topic_alias" not in props:
                         raise ProtocolError(PROTOCOL_ERROR, "empty topic without topic alias")
                 else:
@@ -825,9 +811,7 @@ class Decoder:
         name = data[p + 2 : name_end]
         level = data[name_end]
         if name == b"MQIsdp":
-            raise ProtocolError(
-                UNSUPPORTED_PROTOCOL_VERSION, "MQTT 3.1 (MQIsdp) is not supported", connack_version=4
-            )
+            raise ProtocolError(UNSUPPORTED_PROTOCOL_VERSION, "MQTT 3.1 (MQIsdp) is not supported", connack_version=4)
         if name != b"MQTT":
             raise ProtocolError(PROTOCOL_ERROR, f"unknown protocol name {name!r}")
         if level not in (4, 5):
@@ -1135,9 +1119,7 @@ _SUBACK_V5_CODES: Final = frozenset({0x00, 0x01, 0x02, 0x80, 0x83, 0x87, 0x8F, 0
 _UNSUBACK_V5_CODES: Final = frozenset({0x00, 0x11, 0x80, 0x83, 0x87, 0x8F, 0x91})
 
 
-def encode_connack(
-    session_present: bool, code: int, version: int, properties: Properties | None = None
-) -> bytes:
+def encode_connack(session_present: bool, code: int, version: int, properties: Properties | None = None) -> bytes:
     """Encode a CONNACK.
 
     ``code`` is an MQTT 5 CONNACK reason code (0 = accepted).  For version 4 a
@@ -1166,9 +1148,7 @@ def encode_connack(
     return _fixed_header(0x20, len(body)) + body
 
 
-def _encode_ack(
-    b0: int, packet_id: int, version: int, reason_code: int, properties: Properties | None
-) -> bytes:
+def _encode_ack(b0: int, packet_id: int, version: int, reason_code: int, properties: Properties | None) -> bytes:
     _check_version(version)
     _check_packet_id(packet_id)
     if not 0 <= reason_code <= 0xFF:
@@ -1186,9 +1166,7 @@ def _encode_ack(
     return _fixed_header(b0, len(body)) + body
 
 
-def encode_puback(
-    packet_id: int, version: int, reason_code: int = 0, properties: Properties | None = None
-) -> bytes:
+def encode_puback(packet_id: int, version: int, reason_code: int = 0, properties: Properties | None = None) -> bytes:
     """Encode a PUBACK for QoS 1 PUBLISH ``packet_id`` (1-65535).
 
     MQTT 5: ``reason_code`` and ``properties`` (``reason_string``,
@@ -1201,23 +1179,17 @@ def encode_puback(
     return _encode_ack(0x40, packet_id, version, reason_code, properties)
 
 
-def encode_pubrec(
-    packet_id: int, version: int, reason_code: int = 0, properties: Properties | None = None
-) -> bytes:
+def encode_pubrec(packet_id: int, version: int, reason_code: int = 0, properties: Properties | None = None) -> bytes:
     """Encode a PUBREC (first answer to a QoS 2 PUBLISH); as :func:`encode_puback`."""
     return _encode_ack(0x50, packet_id, version, reason_code, properties)
 
 
-def encode_pubrel(
-    packet_id: int, version: int, reason_code: int = 0, properties: Properties | None = None
-) -> bytes:
+def encode_pubrel(packet_id: int, version: int, reason_code: int = 0, properties: Properties | None = None) -> bytes:
     """Encode a PUBREL (fixed-header flags 0b0010); as :func:`encode_puback`."""
     return _encode_ack(0x62, packet_id, version, reason_code, properties)
 
 
-def encode_pubcomp(
-    packet_id: int, version: int, reason_code: int = 0, properties: Properties | None = None
-) -> bytes:
+def encode_pubcomp(packet_id: int, version: int, reason_code: int = 0, properties: Properties | None = None) -> bytes:
     """Encode a PUBCOMP (answer to PUBREL); as :func:`encode_puback`."""
     return _encode_ack(0x70, packet_id, version, reason_code, properties)
 
