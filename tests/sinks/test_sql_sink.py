@@ -1,15 +1,14 @@
-"""The SQL sink against real databases: SQLite files always, PostgreSQL when one is given.
+"""The SQL sink against real databases: SQLite files and PostgreSQL, always both.
 
-Set ``ISTHMUS_TEST_POSTGRES_URL`` (e.g. ``postgresql+psycopg://user@127.0.0.1:5432/db``, with
-the driver installed) to run the backend-neutral tests on PostgreSQL as well; each test uses
-its own table and drops it afterwards.
+The backend-neutral tests run on each. PostgreSQL is a private server the tests start
+themselves (see ``postgres_url`` in ``conftest.py``; ``ISTHMUS_TEST_POSTGRES_URL`` points them
+at an external one instead); each test uses its own table and drops it afterwards.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
-import os
 import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -30,7 +29,6 @@ from isthmus.sinks.sql import PLUGIN, SqlSink
 
 T0 = datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=UTC)
 US = timedelta(microseconds=1)
-POSTGRES_URL = os.environ.get("ISTHMUS_TEST_POSTGRES_URL")
 
 MakeRecord = Callable[..., Record]
 
@@ -47,10 +45,9 @@ async def sink(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[
     """An open sink on a fresh table, on each backend."""
     if request.param == "sqlite":
         s = build(tmp_path)
-    elif POSTGRES_URL is None:
-        pytest.skip("set ISTHMUS_TEST_POSTGRES_URL to run on PostgreSQL")
     else:
-        s = build(tmp_path, url=POSTGRES_URL, table=f"ts_{uuid.uuid4().hex[:16]}")
+        postgres_url: str = request.getfixturevalue("postgres_url")
+        s = build(tmp_path, url=postgres_url, table=f"ts_{uuid.uuid4().hex[:16]}")
     await s.open()
     yield s
     await s.close()

@@ -13,7 +13,8 @@ Errors. Every method raises only :mod:`isthmus.errors` types for database troubl
   :meth:`RegistryStore.user_for_token` only);
 * :class:`~isthmus.errors.InvalidRequest` — an argument the registry cannot accept (a naive
   datetime, both or neither of ``p_uid``/``l_uid``, an empty password …), checked before any
-  database work;
+  database work, or a value the database refuses as malformed data (PostgreSQL's text cannot
+  hold NUL characters);
 * :class:`~isthmus.errors.RegistryError` — anything else: the database being unreachable,
   locked for too long, at an unknown schema revision, or refusing a write.
 
@@ -56,7 +57,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Connection, CursorResult, RowMapping, make_url
-from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, DataError, IntegrityError, SQLAlchemyError
 from sqlalchemy.pool import ConnectionPoolEntry, StaticPool
 
 from isthmus.errors import AuthError, Conflict, InvalidRequest, IsthmusError, NotFound, RegistryError
@@ -414,9 +415,30 @@ class RegistryStore:
                 raise Conflict(conflict or f"cannot {action}: already exists") from exc
             msg = f"cannot {action}: {_reason(exc)}"
             raise RegistryError(msg) from exc
+        except DataError as exc:
+            # The value, not the database, is at fault (SQLSTATE class 22, or the driver refusing
+            # to send it): retrying cannot help, so this is not a RegistryError.
+            msg = f"cannot {action}: {_reason(exc)}"
+            raise InvalidRequest(msg) from exc
         except SQLAlchemyError as exc:
             msg = f"cannot {action}: {_reason(exc)}"
             raise RegistryError(msg) from exc
+
+    @staticmethod
+    def _serialise_mapping_changes(conn: Connection) -> None:
+        """Make concurrent mapping changes run one after the other (PostgreSQL).
+
+        Starting or ending a mapping can end the open mapping of *another* device (the logical
+        device of ``p_uid``'s open mapping, say), whose row the transaction has not locked; a
+        concurrent :meth:`start_mapping` for that other device would check its history before
+        the change commits and create overlapping mappings. SHARE ROW EXCLUSIVE conflicts with
+        itself and with every write to ``mappings``, but not with reads. Every method that
+        writes mappings takes it before locking any mapping row (a row lock taken first would
+        deadlock with a holder of this lock waiting for that row). SQLite needs nothing: its
+        write transactions (``BEGIN IMMEDIATE``) are serialised already.
+        """
+        if conn.dialect.name == "postgresql":
+            conn.exec_driver_sql("LOCK TABLE mappings IN SHARE ROW EXCLUSIVE MODE")
 
     # ------------------------------------------------------------------ physical devices
 
@@ -666,6 +688,8 @@ class RegistryStore:
         with self._tx(f"map physical device {p_uid}", write=True) as conn:
             self._lock_device(conn, "physical", p_uid)
             self._lock_device(conn, "logical", l_uid)
+            # Device rows first, then the table, as a concurrent delete of either device does.
+            self._serialise_mapping_changes(conn)
             latest_start, latest_end = conn.execute(
                 select(func.max(mappings.c.start_time), func.max(mappings.c.end_time)).where(involved)
             ).one()
@@ -701,6 +725,7 @@ class RegistryStore:
         """
         kind, uid = _one_device(p_uid, l_uid)
         with self._tx(f"end mapping of {kind} device {uid}", write=True) as conn:
+            self._serialise_mapping_changes(conn)
             current = self._open_mapping(conn, kind, uid)
             end = max(_utcnow(), current.start_time)
             conn.execute(update(mappings).where(mappings.c.id == current.id).values(end_time=end))
@@ -722,6 +747,7 @@ class RegistryStore:
     def _set_paused(self, p_uid: int, *, paused: bool) -> Mapping:
         verb = "pause" if paused else "resume"
         with self._tx(f"{verb} mapping of physical device {p_uid}", write=True) as conn:
+            self._serialise_mapping_changes(conn)
             current = self._open_mapping(conn, "physical", p_uid)
             if current.paused == paused:
                 return current
