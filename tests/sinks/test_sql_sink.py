@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from sqlalchemy import create_engine, func, select
 from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
+from sqlalchemy.engine import make_url
 from sqlalchemy.schema import CreateTable
 
 from isthmus.errors import ConfigError, PermanentSinkError, RetryableSinkError
@@ -422,3 +423,21 @@ async def test_nul_character_in_a_string(sink: SqlSink, make_record: MakeRecord)
         assert result is not None
         assert list(result.rejected) == [0]
         assert [p.value for p in await sink.query(42)] == ["ok"]
+
+
+async def test_postgres_sessions_are_utc_whatever_the_server_zone(
+    tmp_path: Path, make_record: MakeRecord, postgres_url: str
+) -> None:
+    """A client zone east of UTC must not shift (or break) stored timestamps."""
+    url = make_url(postgres_url).update_query_dict({"options": "-c timezone=Asia/Tokyo"})
+    s = build(tmp_path, url=url.render_as_string(hide_password=False), table=f"ts_{uuid.uuid4().hex[:16]}")
+    await s.open()
+    try:
+        last = datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
+        await s.write([make_record([Point("v", 1, timestamp=last), Point("w", 2, timestamp=T0)])])
+        assert sorted(p.timestamp for p in await s.query(42)) == [T0, last]
+    finally:
+        await s.close()
+        engine = create_engine(s.url)
+        s.table.drop(engine)
+        engine.dispose()

@@ -252,6 +252,13 @@ def _decode_value(value_type: str, num: float | None, text: str | None) -> objec
 # --------------------------------------------------------------------------- errors
 
 
+def _utc_session(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("SET TIME ZONE 'UTC'")
+    cursor.close()
+    dbapi_connection.commit()
+
+
 def _describe(exc: BaseException) -> str:
     """A short reason: the driver's message without SQLAlchemy's statement and parameters."""
     if isinstance(exc, DBAPIError) and exc.orig is not None:
@@ -372,7 +379,12 @@ class SqlSink:
 
     def _create_engine(self) -> Engine:
         if self._dialect_name != "sqlite":
-            return create_engine(self.url, pool_pre_ping=True)
+            engine = create_engine(self.url, pool_pre_ping=True)
+            if self._dialect_name == "postgresql":
+                # Timestamps are UTC end to end; a server in another zone would render them shifted
+                # (and 9999-12-31T23:59:59Z east of UTC as an unparseable year 10000).
+                event.listen(engine, "connect", _utc_session)
+            return engine
         # One writer (the runner) and a few readers (queries) at a time.
         engine = create_engine(self.url, pool_size=3, max_overflow=2)
         pragmas = [
