@@ -123,6 +123,15 @@ class LogConfig(_Strict):
     )
 
 
+class SourceConfig(_Strict):
+    """One extra way devices reach Isthmus (the HTTP device API is always on)."""
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_-]{0,62}$", description="Unique name; frames carry it as their source.")
+    type: str = Field(description="Source plugin: 'mqtt-client', …")
+    enabled: bool = Field(True, description="Disabled sources are not started.")
+    options: dict[str, Any] = Field(default_factory=dict, description="The source plugin's own options.")
+
+
 def _default_sinks() -> list[SinkConfig]:
     return [SinkConfig(name="timeseries", type="sql")]
 
@@ -138,14 +147,17 @@ class Config(_Strict):
     journal: JournalConfig = Field(default_factory=JournalConfig)
     timestamps: TimestampPolicyConfig = Field(default_factory=TimestampPolicyConfig)
     sinks: list[SinkConfig] = Field(default_factory=_default_sinks)
+    sources: list[SourceConfig] = Field(default_factory=list)
     log: LogConfig = Field(default_factory=LogConfig)
 
     @model_validator(mode="after")
-    def _unique_sink_names(self) -> Config:
-        names = [s.name for s in self.sinks]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"sink names must be unique: {', '.join(dupes)}")
+    def _unique_names(self) -> Config:
+        for kind, names in (("sink", [s.name for s in self.sinks]), ("source", [s.name for s in self.sources])):
+            dupes = sorted({n for n in names if names.count(n) > 1})
+            if dupes:
+                raise ValueError(f"{kind} names must be unique: {', '.join(dupes)}")
+        if any(s.name == "http" for s in self.sources):
+            raise ValueError("source name 'http' is taken by the built-in HTTP device API")
         return self
 
     def effective_registry_url(self) -> str:
@@ -231,7 +243,7 @@ def config_reference() -> str:
         lines.extend(["| key | type | default | environment | meaning |", "|---|---|---|---|---|"])
         for name, field in model.model_fields.items():
             annotation = field.annotation
-            if name == "sinks" or (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            if name in ("sinks", "sources") or (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
                 continue  # sections of their own
             value = field.default_factory() if field.default_factory is not None else field.default  # type: ignore[call-arg]
             if field.is_required():
@@ -258,6 +270,13 @@ def config_reference() -> str:
         "A list of tables, one per sink (file only, not the environment). The default is one SQL "
         'timeseries sink: `[[sinks]] name = "timeseries" type = "sql"`. Each sink type\'s own keys go in '
         "its `options` table; see [sinks.md](sinks.md).",
+    )
+    section(
+        "[[sources]]",
+        SourceConfig,
+        "",
+        "A list of tables, one per extra source (file only). None by default: the HTTP device API is "
+        "always on. Each source type's own keys go in its `options` table.",
     )
     lines.extend(
         [

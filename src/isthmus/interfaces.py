@@ -47,12 +47,17 @@ class Decoder(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class DeviceRef:
-    """What the hot path knows about an authenticated physical device."""
+    """What the hot path knows about an authenticated physical device.
+
+    ``quarantined`` marks a device auto-created under the ``quarantine`` policy and not yet
+    enabled by an operator: its frames are journaled as quarantined, never delivered.
+    """
 
     p_uid: int
     name: str
     source_name: str
     decoder: str | None = None
+    quarantined: bool = False
 
 
 class DeviceDirectory(Protocol):
@@ -71,6 +76,25 @@ class DeviceDirectory(Protocol):
         ...
 
 
+class DeviceResolver(Protocol):
+    """Finds — and, by policy, creates — the physical device behind a source's own ids.
+
+    For sources that name devices themselves (a broker topic ``pebble/{device}/data``, a LoRaWAN
+    network server's dev_eui) rather than authenticating them with an access token.
+    """
+
+    async def resolve(self, source_name: str, source_ids: dict[str, str | int], policy: str) -> DeviceRef | None:
+        """The device with exactly these ``source_ids`` for ``source_name``.
+
+        Unknown devices are auto-created according to ``policy``: ``"accept"`` creates an enabled
+        device; ``"quarantine"`` creates a disabled one whose frames are kept but not delivered
+        until an operator enables it; ``"reject"`` creates nothing and returns ``None``. A known
+        but disabled device returns a quarantined reference. Served from memory after the first
+        lookup. Raises :class:`~isthmus.errors.RegistryError` when the registry is unavailable.
+        """
+        ...
+
+
 # --------------------------------------------------------------------------- ingest
 
 
@@ -85,8 +109,20 @@ class IngestResult:
 class Ingest(Protocol):
     """The one door into Isthmus. Sources call it; it never raises for a device's mistake."""
 
-    async def submit(self, frame: RawFrame, device: DeviceRef, *, wait: bool = True) -> IngestResult | None:
+    async def submit(
+        self,
+        frame: RawFrame,
+        device: DeviceRef,
+        *,
+        wait: bool = True,
+        error: str | None = None,
+        decoder: str | None = None,
+    ) -> IngestResult | None:
         """Decode, map and journal ``frame`` sent by ``device``.
+
+        ``error``: the source already knows the frame is unusable (wrong content type …); it is
+        journaled with that error, undecoded. ``decoder``: the decoder the source's configuration
+        names for this frame (a topic pattern's); a decoder set on the device itself wins.
 
         With ``wait=True`` returns once the record is durable (the source may now acknowledge
         the device); the result tells whether decoding failed or the message was quarantined.

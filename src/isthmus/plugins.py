@@ -1,7 +1,7 @@
 """Plugin specifications and the plugin registry.
 
 Built-in sources, decoders and sinks register exactly like third-party ones: through entry
-points in the groups ``isthmus.decoders`` and ``isthmus.sinks`` (``isthmus.sources`` later), each
+points in the groups ``isthmus.sources``, ``isthmus.decoders`` and ``isthmus.sinks``, each
 naming a module-level ``PLUGIN`` spec. A spec carries the plugin's strict configuration model
 (pydantic, unknown keys are errors) whose field descriptions generate its documentation.
 """
@@ -14,10 +14,11 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
+from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from isthmus.errors import ConfigError
-from isthmus.interfaces import Decoder, Sink
+from isthmus.interfaces import Decoder, DeviceDirectory, DeviceResolver, Sink, Source
 
 
 class PluginConfig(BaseModel):
@@ -49,6 +50,35 @@ class SinkPlugin(Generic[C]):
     def create(self, options: Mapping[str, Any], ctx: SinkContext) -> Sink:
         """Validate ``options`` and build the sink; raises ConfigError naming the bad key."""
         return self.factory(parse_options(self.config, options, f"sink {ctx.name!r}"), ctx)
+
+
+@dataclass(frozen=True, slots=True)
+class SourceContext:
+    """What a source may use: device lookups by token, device resolution by source ids, metrics.
+
+    ``metrics`` is the instance's Prometheus registry: a source registers its own collectors there
+    (names prefixed ``isthmus_<source type>_``), never in the global default registry.
+    """
+
+    name: str
+    data_dir: Path
+    directory: DeviceDirectory
+    resolver: DeviceResolver
+    metrics: CollectorRegistry
+
+
+@dataclass(frozen=True, slots=True)
+class SourcePlugin(Generic[C]):
+    """A source type: its name in configuration, its options model and its factory."""
+
+    name: str
+    description: str
+    config: type[C]
+    factory: Callable[[C, SourceContext], Source]
+
+    def create(self, options: Mapping[str, Any], ctx: SourceContext) -> Source:
+        """Validate ``options`` and build the source; raises ConfigError naming the bad key."""
+        return self.factory(parse_options(self.config, options, f"source {ctx.name!r}"), ctx)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,26 +114,32 @@ class Plugins:
     ``Plugins.discover()`` loads every installed entry point; tests may build one by hand.
     """
 
-    def __init__(self, sinks: Mapping[str, SinkPlugin[Any]], decoders: Mapping[str, DecoderPlugin]) -> None:
+    def __init__(
+        self,
+        sinks: Mapping[str, SinkPlugin[Any]],
+        decoders: Mapping[str, DecoderPlugin],
+        sources: Mapping[str, SourcePlugin[Any]] | None = None,
+    ) -> None:
         self.sinks = dict(sinks)
         self.decoders = dict(decoders)
+        self.sources = dict(sources or {})
 
     @classmethod
     def discover(cls) -> Plugins:
-        """Load the ``isthmus.sinks`` and ``isthmus.decoders`` entry points."""
-        sinks: dict[str, SinkPlugin[Any]] = {}
-        for ep in entry_points(group="isthmus.sinks"):
-            spec = ep.load()
-            if not isinstance(spec, SinkPlugin):
-                raise ConfigError(f"entry point {ep.name!r} in isthmus.sinks is not a SinkPlugin")
-            sinks[spec.name] = spec
-        decoders: dict[str, DecoderPlugin] = {}
-        for ep in entry_points(group="isthmus.decoders"):
-            spec = ep.load()
-            if not isinstance(spec, DecoderPlugin):
-                raise ConfigError(f"entry point {ep.name!r} in isthmus.decoders is not a DecoderPlugin")
-            decoders[spec.name] = spec
-        return cls(sinks, decoders)
+        """Load the ``isthmus.sources``, ``isthmus.sinks`` and ``isthmus.decoders`` entry points."""
+        return cls(
+            _load("isthmus.sinks", SinkPlugin),
+            _load("isthmus.decoders", DecoderPlugin),
+            _load("isthmus.sources", SourcePlugin),
+        )
+
+    def source(self, type_name: str) -> SourcePlugin[Any]:
+        """The source plugin called ``type_name``; ConfigError lists the known ones otherwise."""
+        try:
+            return self.sources[type_name]
+        except KeyError:
+            known = ", ".join(sorted(self.sources)) or "none"
+            raise ConfigError(f"unknown source type {type_name!r} (known: {known})") from None
 
     def sink(self, type_name: str) -> SinkPlugin[Any]:
         """The sink plugin called ``type_name``; ConfigError lists the known ones otherwise."""
@@ -120,3 +156,13 @@ class Plugins:
         except KeyError:
             known = ", ".join(sorted(self.decoders)) or "none"
             raise ConfigError(f"unknown decoder {name!r} (known: {known})") from None
+
+
+def _load(group: str, kind: type[Any]) -> dict[str, Any]:
+    specs: dict[str, Any] = {}
+    for ep in entry_points(group=group):
+        spec = ep.load()
+        if not isinstance(spec, kind):
+            raise ConfigError(f"entry point {ep.name!r} in {group} is not a {kind.__name__}")
+        specs[spec.name] = spec
+    return specs

@@ -95,7 +95,9 @@ class IngestService:
             self._counters[source] = counters
         return counters
 
-    def build(self, frame: RawFrame, device: DeviceRef, error: str | None = None) -> Record:
+    def build(
+        self, frame: RawFrame, device: DeviceRef, error: str | None = None, decoder_name: str | None = None
+    ) -> Record:
         """The record for ``frame``: decoded and mapped, or carrying why it could not be.
 
         ``error`` is set by a source that already knows the frame is unusable (wrong content
@@ -105,7 +107,7 @@ class IngestService:
         received.inc()
         self.directory.seen(device.p_uid, None, frame.received_at)
         if error is None:
-            name = device.decoder or self.default_decoder
+            name = device.decoder or decoder_name or self.default_decoder
             decoder = self.decoders.get(name)
             if decoder is None:
                 error = f"unknown decoder {name!r} configured for device {device.p_uid}"
@@ -142,6 +144,10 @@ class IngestService:
             timeseries=points,
             l_uid=l_uid,
         )
+        if device.quarantined:
+            self.metrics.frames_failed.labels(frame.source, Status.QUARANTINED.value).inc()
+            reason = f"device {device.p_uid} ({device.name}) is quarantined until an operator enables it"
+            return Record(frame=frame, status=Status.QUARANTINED, p_uid=device.p_uid, message=message, error=reason)
         verdict = self.policy.verdict(own or [timestamp], frame.received_at)
         if verdict is not None:
             status = Status.QUARANTINED if self.policy.action == "quarantine" else Status.DECODE_ERROR
@@ -156,10 +162,16 @@ class IngestService:
         return Record(frame=frame, status=Status.OK, p_uid=device.p_uid, message=message)
 
     async def submit(
-        self, frame: RawFrame, device: DeviceRef, *, wait: bool = True, error: str | None = None
+        self,
+        frame: RawFrame,
+        device: DeviceRef,
+        *,
+        wait: bool = True,
+        error: str | None = None,
+        decoder: str | None = None,
     ) -> IngestResult | None:
-        """See :class:`~isthmus.interfaces.Ingest`. ``error``: as in :meth:`build`."""
-        record = self.build(frame, device, error)
+        """See :class:`~isthmus.interfaces.Ingest`."""
+        record = self.build(frame, device, error, decoder)
         journaled = self._source_counters(frame.source)[1]
         if not wait:
             future = self.journal.append_nowait([record])

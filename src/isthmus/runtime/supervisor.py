@@ -23,14 +23,15 @@ from isthmus.api.device import DeviceAPI
 from isthmus.api.management import management_app
 from isthmus.config import Config, SinkConfig
 from isthmus.errors import ConfigError, NotFound
-from isthmus.interfaces import Decoder, TimeseriesReader
+from isthmus.interfaces import Decoder, Source, TimeseriesReader
 from isthmus.journal.sqlite import RetentionPolicy, SQLiteJournal, journal_path
-from isthmus.plugins import Plugins, SinkContext
+from isthmus.plugins import Plugins, SinkContext, SourceContext
 from isthmus.registry.cache import DeviceCache
 from isthmus.registry.store import RegistryStore
 from isthmus.runtime.ingest import IngestService, TimestampPolicy
 from isthmus.runtime.logs import setup_logging
 from isthmus.runtime.metrics import Metrics
+from isthmus.runtime.resolver import RegistryResolver
 from isthmus.runtime.sinks import RunnerSettings, SinkRunner
 from isthmus.sinks.attributes import AttributeStore
 
@@ -88,7 +89,17 @@ class Runtime:
         self.runners: dict[str, SinkRunner] = {}
         self._readers: dict[str, TimeseriesReader] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        self._source_tasks: list[asyncio.Task[None]] = []
+        self.resolver = RegistryResolver(self.store)
         self._build_runners()
+        self.sources: dict[str, Source] = {
+            sc.name: self.plugins.source(sc.type).create(
+                sc.options,
+                SourceContext(sc.name, config.data_dir, self.cache, self.resolver, self.metrics.registry),
+            )
+            for sc in config.sources
+            if sc.enabled
+        }
 
     def _build_runners(self) -> None:
         for sc in self.config.sinks:
@@ -123,6 +134,20 @@ class Runtime:
         for runner in self.runners.values():
             self._tasks.append(asyncio.create_task(runner.run(), name=f"sink-{runner.name}"))
         self._tasks.append(asyncio.create_task(self._flush_seen_loop(), name="last-seen"))
+        for name, source in self.sources.items():
+            self._source_tasks.append(asyncio.create_task(self._run_source(name, source), name=f"source-{name}"))
+
+    async def _run_source(self, name: str, source: Source) -> None:
+        """Run one source; a source that crashes (a bug, never a device's mistake) is restarted."""
+        delay = 1.0
+        while True:
+            try:
+                await source.run(self.ingest)
+                log.warning("source %s returned; restarting it", name)
+            except Exception:
+                log.exception("source %s crashed; restarting it in %.0f s", name, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 60.0)
 
     def _bootstrap_admin(self) -> None:
         path = self.config.data_dir / ADMIN_TOKEN_FILE
@@ -152,7 +177,13 @@ class Runtime:
             log.exception("could not update last_seen")
 
     async def stop(self) -> None:
-        """Cancel runners (each closes its sink), flush last_seen, close journal and registry."""
+        """Stop sources first (nothing new arrives), then runners, flush last_seen, close the rest."""
+        for task in self._source_tasks:
+            task.cancel()
+        for task in self._source_tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._source_tasks.clear()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
