@@ -109,12 +109,12 @@ class DeviceAPI:
             elif name == b"content-length" and value.isdigit():
                 declared = int(value)
         if declared > self.max_payload:
-            await self._too_large(send, receive)
+            await self._too_large(send)
             return
         try:
             body = await _read_body(receive, self.max_payload)
         except _TooLarge:
-            await self._too_large(send, None)
+            await self._too_large(send)
             return
         error = None
         if not _json_content_type(content_type):
@@ -126,7 +126,6 @@ class DeviceAPI:
             payload=body,
             kind=kind,
             content_type=content_type.decode("latin-1"),
-            meta={"path": f"/api/v1/.../{kind}"},
         )
         try:
             result = await self.ingest.submit(frame, device, error=error)
@@ -151,7 +150,7 @@ class DeviceAPI:
         status = 415 if error is not None else 400
         await _respond(send, status, error_body(code, record.error or code, correlation_id=frame.correlation_id))
 
-    async def _too_large(self, send: Send, receive: Receive | None) -> None:
+    async def _too_large(self, send: Send) -> None:
         self._rejected.labels(SOURCE, "too_large").inc()
         await _respond(
             send,
