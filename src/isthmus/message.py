@@ -14,11 +14,12 @@ msgspec (``encode_message`` / ``decode_message``); never hand-write them.
 from __future__ import annotations
 
 import enum
+import random
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import msgspec
-import uuid6
 
 Kind = Literal["telemetry", "attributes"]
 """What a frame carries: time series values, or device attributes (client-side state)."""
@@ -33,8 +34,21 @@ def utcnow() -> datetime:
 
 
 def new_correlation_id() -> str:
-    """A new time-ordered correlation id (UUIDv7, RFC 9562) in its canonical text form."""
-    return str(uuid6.uuid7())
+    """A new time-ordered correlation id (UUIDv7, RFC 9562) in its canonical text form.
+
+    48 bits of Unix milliseconds, then 74 random bits from Python's PRNG. Correlation ids are
+    identifiers, not secrets: the PRNG avoids a ``getrandom`` system call per frame, which
+    releases the GIL and, with other threads busy, cost up to 100 µs on the device hot path.
+    """
+    value = (
+        (time.time_ns() // 1_000_000) << 80
+        | 0x7 << 76  # version 7
+        | random.getrandbits(12) << 64
+        | 0b10 << 62  # RFC 9562 variant
+        | random.getrandbits(62)
+    )
+    h = f"{value:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def to_micros(ts: datetime) -> int:

@@ -200,3 +200,23 @@ async def test_retention_by_size(journal: SQLiteJournal) -> None:
     assert report.deleted > 50
     assert after.records == before.records - report.deleted
     assert after.bytes_used < before.bytes_used
+
+
+async def test_a_batch_larger_than_one_insert_statement(journal: SQLiteJournal) -> None:
+    records = [make_record(value=i) for i in range(2500)]
+    seqs = await journal.append(records)
+    assert seqs == list(range(1, 2501))
+    back = await journal.read(0, 3000)
+    assert [r.seq for r in back] == seqs
+    assert [r.frame.correlation_id for r in back] == [r.frame.correlation_id for r in records]
+
+
+async def test_retention_keeps_the_newest_record_so_seqs_are_never_reused(journal: SQLiteJournal) -> None:
+    old = utcnow() - timedelta(days=10)
+    await journal.append([make_record(received_at=old) for _ in range(3)])
+    journal.retention = RetentionPolicy(max_age=timedelta(days=1))
+    journal.set_active_consumers(["a"])
+    await journal.commit_cursor(Cursor("a", seq=3))
+    report = await journal.apply_retention()
+    assert report.deleted == 2
+    assert await journal.append([make_record()]) == [4]

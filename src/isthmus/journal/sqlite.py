@@ -94,10 +94,13 @@ CREATE TABLE IF NOT EXISTS journal_stats (
 );
 """
 
-_INSERT = (
+_INSERT_HEAD = (
     "INSERT INTO records (correlation_id, received_at, source, kind, content_type, meta, p_uid, l_uid,"
-    " status, error, payload, message, replay_of) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
+    " status, error, payload, message, replay_of) VALUES "
 )
+_ROW_PLACEHOLDERS = "(?,?,?,?,?,?,?,?,?,?,?,?,?)"
+# 13 parameters a row; SQLite allows 32,766 per statement.
+_ROWS_PER_INSERT = 1000
 _COLUMNS = (
     "seq, correlation_id, received_at, source, kind, content_type, meta, p_uid, status, error,"
     " payload, message, replay_of"
@@ -143,14 +146,25 @@ class JournalStats:
 
 
 class _Op:
-    """One unit of work for the writer thread, resolved on the event loop."""
+    """One unit of work for the writer thread, resolved on the event loop.
 
-    __slots__ = ("fn", "future", "result", "size")
+    Either ``rows`` to append (their sequence numbers become the result) or a function ``fn`` of
+    the write connection.
+    """
 
-    def __init__(self, fn: Callable[[sqlite3.Connection], Any], future: asyncio.Future[Any], size: int) -> None:
+    __slots__ = ("fn", "future", "result", "rows", "size")
+
+    def __init__(
+        self,
+        fn: Callable[[sqlite3.Connection], Any] | None,
+        future: asyncio.Future[Any],
+        size: int,
+        rows: list[tuple[Any, ...]] | None = None,
+    ) -> None:
         self.fn = fn
         self.future = future
         self.size = size
+        self.rows = rows
         self.result: Any = None
 
 
@@ -196,6 +210,7 @@ class SQLiteJournal:
         self._local = threading.local()
         self._active_consumers: frozenset[str] = frozenset()
         self._retention_task: asyncio.Task[None] | None = None
+        self._insert_sql: dict[int, str] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -342,8 +357,16 @@ class SQLiteJournal:
         error: BaseException | None = None
         try:
             conn.execute("BEGIN IMMEDIATE")
+            appends = [op for op in batch if op.rows is not None]
+            if appends:
+                seqs = self._insert([row for op in appends for row in op.rows or ()], conn)
+                start = 0
+                for op in appends:
+                    op.result = seqs[start : start + op.size]
+                    start += op.size
             for op in batch:
-                op.result = op.fn(conn)
+                if op.fn is not None:
+                    op.result = op.fn(conn)
             conn.execute("COMMIT")
         except Exception as exc:  # noqa: BLE001 - the writer thread must survive any one batch
             error = exc
@@ -357,6 +380,28 @@ class SQLiteJournal:
         if error is None:
             last_seq = conn.execute("SELECT coalesce(max(seq), 0) FROM records").fetchone()[0]
         loop.call_soon_threadsafe(self._resolve, batch, error, last_seq, elapsed)
+
+    def _insert(self, rows: list[tuple[Any, ...]], conn: sqlite3.Connection) -> list[int]:
+        """Insert ``rows`` with multi-row INSERTs; return their sequence numbers.
+
+        CPython's sqlite3 module releases the GIL around every statement step; one statement per
+        row would make the writer wait for the GIL once per row while the event loop is busy (a
+        convoy that dominated commit time). A multi-row INSERT is one step per chunk. The rowids
+        of one statement are consecutive: this thread is the only writer and retention never
+        deletes the newest record, so ``max(rowid) + 1`` is taken for each row in turn.
+        """
+        seqs: list[int] = []
+        for i in range(0, len(rows), _ROWS_PER_INSERT):
+            chunk = rows[i : i + _ROWS_PER_INSERT]
+            sql = self._insert_sql.get(len(chunk))
+            if sql is None:
+                sql = _INSERT_HEAD + ",".join([_ROW_PLACEHOLDERS] * len(chunk))
+                self._insert_sql[len(chunk)] = sql
+            last = conn.execute(sql, [value for row in chunk for value in row]).lastrowid
+            if last is None:  # pragma: no cover - sqlite3 sets it for INSERT
+                raise JournalError("the journal did not report the inserted sequence numbers")
+            seqs.extend(range(last - len(chunk) + 1, last + 1))
+        return seqs
 
     def _resolve(self, batch: list[_Op], error: BaseException | None, last_seq: int, elapsed: float) -> None:
         for op in batch:
@@ -376,13 +421,18 @@ class SQLiteJournal:
         if self._on_commit is not None and error is None:
             self._on_commit(sum(op.size for op in batch), elapsed)
 
-    async def _submit(self, fn: Callable[[sqlite3.Connection], Any], size: int = 1) -> Any:
+    async def _submit(
+        self,
+        fn: Callable[[sqlite3.Connection], Any] | None,
+        size: int = 1,
+        rows: list[tuple[Any, ...]] | None = None,
+    ) -> Any:
         self._check_open()
         loop = self._loop
         if loop is None:
             raise JournalClosed("the journal is not open")
         future: asyncio.Future[Any] = loop.create_future()
-        self._queue.put(_Op(fn, future, size))
+        self._queue.put(_Op(fn, future, size, rows))
         return await future
 
     # ------------------------------------------------------------------ Journal
@@ -390,15 +440,9 @@ class SQLiteJournal:
     async def append(self, records: Sequence[Record]) -> list[int]:
         """Store ``records`` durably (group-committed); return their sequence numbers."""
         rows = [_record_row(r) for r in records]
-
-        def insert(conn: sqlite3.Connection) -> list[int]:
-            seqs = []
-            for row in rows:
-                cur = conn.execute(_INSERT, row)
-                seqs.append(cur.lastrowid)
-            return seqs  # type: ignore[return-value]
-
-        result: list[int] = await self._submit(insert, len(rows))
+        if not rows:
+            return []
+        result: list[int] = await self._submit(None, len(rows), rows)
         return result
 
     def append_nowait(self, records: Sequence[Record]) -> asyncio.Future[list[int]]:
@@ -715,6 +759,8 @@ def _retention_pass(
             per_record = max(1, used // count)
             excess = (used - int(policy.max_bytes * 0.9)) // per_record
             target = max(target, first - 1 + int(excess))
+    # Never delete the newest record: SQLite would then hand out its sequence number again.
+    target = min(target, last - 1)
     if target < first:
         return RetentionReport(0, 0, floor)
     dropped = 0
