@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -273,6 +274,7 @@ async def run(config: Config) -> None:
     """Start an instance, serve HTTP until SIGINT/SIGTERM, stop in order."""
     rt = Runtime(config)
     await rt.start()
+    _tune_gc()
     try:
         server = _Server(
             uvicorn.Config(
@@ -292,6 +294,20 @@ async def run(config: Config) -> None:
     finally:
         await rt.stop()
     log.info("stopped")
+
+
+def _tune_gc() -> None:
+    """Keep the cyclic garbage collector off the hot path.
+
+    Per-frame objects are acyclic and freed by reference counting, but their sheer number
+    triggers a collection every 700 allocations, and each full collection walks every long-lived
+    object (the device cache, modules). Measured under load, collections took a quarter of the
+    event loop's time. Objects alive after start-up are frozen out of the collector's view and
+    the first-generation threshold is raised; cycles are still collected, just less often.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
 
 
 def serve(config: Config) -> None:
