@@ -441,3 +441,11 @@ async def test_postgres_sessions_are_utc_whatever_the_server_zone(
         engine = create_engine(s.url)
         s.table.drop(engine)
         engine.dispose()
+
+
+async def test_batches_larger_than_one_statement(sink: SqlSink, make_record: MakeRecord) -> None:
+    points = [Point(f"p{i % 7}", i, timestamp=T0 + i * US) for i in range(4500)]
+    await sink.write([make_record(points[:2500]), make_record(points[2500:])])
+    assert await count_rows(sink) == 4500
+    stored = await sink.query(42, limit=10_000)
+    assert sorted(p.value for p in stored) == list(range(4500))

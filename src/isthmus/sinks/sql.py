@@ -68,6 +68,8 @@ _SUPPORTED_BACKENDS = ("sqlite", "postgresql")
 # The order of the values in a row tuple, and of the upsert's parameters.
 _COLUMNS = ("l_uid", "name", "ts", "value_type", "value_num", "value_text", "correlation_id")
 _UPDATED = ("value_type", "value_num", "value_text", "correlation_id")
+# 7 parameters a row; SQLite allows 32,766 per statement.
+_ROWS_PER_STATEMENT = 2000
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
@@ -426,6 +428,16 @@ class SqlSink:
         self._positional = bool(compiled.positional)
         if self._positional and tuple(compiled.positiontup or ()) != _COLUMNS:
             raise PermanentSinkError(f"{self._where}: unexpected parameter order {compiled.positiontup}")
+        # On SQLite, one multi-row statement per chunk instead of executemany: CPython's sqlite3
+        # releases the GIL around every step, so a row per step made this thread wait for the
+        # GIL once per row while the event loop was busy.
+        self._multi: tuple[str, str, str] | None = None
+        if dialect.name == "sqlite" and self._positional:
+            head, sep, rest = self._sql.partition("VALUES (")
+            group, close, tail = rest.partition(")")
+            if sep and close and group.replace(" ", "") == ",".join("?" * len(_COLUMNS)):
+                self._multi = (head + "VALUES ", f"({group})", tail)
+        self._multi_sql: dict[int, str] = {}
 
     async def close(self) -> None:
         """Dispose of the engine and its pooled connections. Safe to call twice."""
@@ -453,13 +465,19 @@ class SqlSink:
         :class:`~isthmus.errors.PermanentSinkError` when it refuses every record of the batch.
         """
         engine = self._require_engine()
-        groups, rejected = self._rows(batch)
-        if groups:
-            refused, error = await asyncio.to_thread(self._write_blocking, engine, groups)
-            rejected.update(refused)
-            if error is not None and len(rejected) == len(batch):
-                raise _translate(error, self._where) from error
+        rejected, error = await asyncio.to_thread(self._rows_and_write, engine, batch)
+        if error is not None and len(rejected) == len(batch):
+            raise _translate(error, self._where) from error
         return WriteResult(rejected=rejected) if rejected else None
+
+    def _rows_and_write(self, engine: Engine, batch: Sequence[Record]) -> tuple[dict[int, str], Exception | None]:
+        """Build the rows and write them, in the worker thread (keeps the event loop free)."""
+        groups, rejected = self._rows(batch)
+        error: Exception | None = None
+        if groups:
+            refused, error = self._write_blocking(engine, groups)
+            rejected.update(refused)
+        return rejected, error
 
     def _rows(self, batch: Sequence[Record]) -> tuple[list[tuple[int, list[Row]]], dict[int, str]]:
         """The rows of each telemetry record, by batch index, and the records refused already."""
@@ -528,11 +546,25 @@ class SqlSink:
         return rejected
 
     def _execute(self, engine: Engine, rows: list[Row]) -> None:
+        if self._multi is not None:
+            with engine.begin() as conn:
+                for i in range(0, len(rows), _ROWS_PER_STATEMENT):
+                    chunk = rows[i : i + _ROWS_PER_STATEMENT]
+                    conn.exec_driver_sql(self._multi_statement(len(chunk)), tuple(v for row in chunk for v in row))
+            return
         params: list[Row] | list[dict[str, Any]] = rows
         if not self._positional:
             params = [dict(zip(_COLUMNS, row, strict=True)) for row in rows]
         with engine.begin() as conn:
             conn.exec_driver_sql(self._sql, params)
+
+    def _multi_statement(self, count: int) -> str:
+        sql = self._multi_sql.get(count)
+        if sql is None:
+            head, group, tail = self._multi or ("", "", "")
+            sql = head + ",".join([group] * count) + tail
+            self._multi_sql[count] = sql
+        return sql
 
     # ------------------------------------------------------------------ reading
 
