@@ -106,7 +106,11 @@ class SinkConfig(_Strict):
     batch_max_records: int = Field(1000, ge=1, le=100_000, description="Most records per write.")
     batch_max_bytes: int = Field(1_048_576, ge=1, description="Stop adding records to a batch past this payload size.")
     batch_period: float = Field(
-        0.0, ge=0, le=60, description="Seconds to wait for a fuller batch once the first record is there."
+        0.05,
+        ge=0,
+        le=60,
+        description="Seconds to wait for a fuller batch once the first record is there "
+        "(fewer, larger writes at moderate load; 0 writes at once).",
     )
     max_attempts: int = Field(5, ge=1, le=1000, description="Write attempts before a batch is dead-lettered.")
     backoff_initial: float = Field(0.5, gt=0, description="First retry delay in seconds (doubles, with full jitter).")

@@ -195,3 +195,17 @@ async def test_redrive_delivers_dead_letters_and_rebalances_the_books(journal: S
     stored = await journal.load_cursor("s")
     assert (stored.delivered, stored.dead_lettered, stored.skipped) == (3, 0, 0)
     assert r.state is Health.HEALTHY
+
+
+async def test_skip_only_batches_commit_lazily_but_surely(journal: SQLiteJournal) -> None:
+    await journal.append([record() for _ in range(5)])
+    attributes_only = RunnerSettings(kinds=frozenset({"attributes"}), idle_wait=5.0)
+    r = runner("attrs", RecordingSink(), journal, attributes_only)
+    async with running(r):
+        await until(lambda: r.cursor.seq == 5)
+        assert r.cursor.skipped == 5
+        await journal.append([record()])  # within a second of the first commit: kept in memory
+        await until(lambda: r.cursor.seq == 6)
+        assert (await journal.load_cursor("attrs")).seq == 5
+    stored = await journal.load_cursor("attrs")
+    assert (stored.seq, stored.skipped) == (6, 6), "stopping commits what was only held in memory"

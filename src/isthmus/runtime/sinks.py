@@ -13,6 +13,7 @@ incremented, in the same commit that moves the cursor, so for any sink
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import random
@@ -37,6 +38,9 @@ class Health(enum.StrEnum):
     RETRYING = "retrying"
     FAILING = "failing"
 
+
+# At most this long between cursor commits of batches a sink only skipped.
+SKIP_COMMIT_INTERVAL = 1.0
 
 _STATE_VALUE = {Health.STARTING: 0, Health.HEALTHY: 0, Health.RETRYING: 1, Health.FAILING: 2}
 
@@ -88,6 +92,8 @@ class SinkRunner:
         self._state_gauge = metrics.sink_state.labels(name)
         # Serialises delivery of new records with redrives, so the books never race.
         self._books = asyncio.Lock()
+        self._uncommitted = False
+        self._committed_at = 0.0
 
     def _set_state(self, state: Health, error: str | None = None) -> None:
         if state is not self.state:
@@ -122,7 +128,13 @@ class SinkRunner:
                 if batch:
                     await self._handle(batch)
                     self._lag.set(self.lag)
+                elif self._uncommitted:
+                    async with self._books:
+                        await self._commit(self.cursor)
         finally:
+            if self._uncommitted:
+                with contextlib.suppress(JournalError):
+                    await self.journal.commit_cursor(self.cursor)
             await self.sink.close()
 
     async def _open(self) -> None:
@@ -163,17 +175,29 @@ class SinkRunner:
             dead_lettered=cursor.dead_lettered + len(dead),
             skipped=cursor.skipped + len(records) - len(selected),
         )
+        if selected or time.monotonic() - self._committed_at >= SKIP_COMMIT_INTERVAL:
+            await self._commit(next_cursor, dead)
+        else:
+            # Only skipped records: move on in memory and commit later. A crash before that
+            # re-reads and re-skips them, and the books stay whole (they are committed together).
+            self.cursor = next_cursor
+            self._uncommitted = True
+        self._delivered.inc(len(selected) - len(dead))
+        self._dead.inc(len(dead))
+        self._skipped.inc(len(records) - len(selected))
+
+    async def _commit(self, cursor: Cursor, dead: Sequence[DeadLetter] = ()) -> None:
+        """Commit ``cursor`` (and the dead letters that moved it), retrying until the journal takes it."""
         while True:
             try:
-                await self.journal.commit_cursor(next_cursor, dead)
+                await self.journal.commit_cursor(cursor, dead)
                 break
             except JournalError as exc:
                 log.error("sink %s: cannot commit its cursor: %s", self.name, exc)
                 await asyncio.sleep(1.0)
-        self.cursor = next_cursor
-        self._delivered.inc(len(selected) - len(dead))
-        self._dead.inc(len(dead))
-        self._skipped.inc(len(records) - len(selected))
+        self.cursor = cursor
+        self._uncommitted = False
+        self._committed_at = time.monotonic()
 
     async def redrive(self, letters: Sequence[DeadLetter]) -> RedriveResult:
         """Deliver dead letters of this sink again, with the runner's retry policy.

@@ -116,7 +116,11 @@ class Runtime:
             self.attributes,
             self.journal,
             RunnerSettings(
-                kinds=frozenset({"attributes"}), requires_mapping=False, max_attempts=1_000_000, backoff_max=5.0
+                kinds=frozenset({"attributes"}),
+                requires_mapping=False,
+                max_attempts=1_000_000,
+                backoff_max=5.0,
+                batch_period=0.25,
             ),
             self.metrics,
         )
