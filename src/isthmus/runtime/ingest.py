@@ -13,7 +13,6 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
 
 from isthmus.errors import DecodeError
 from isthmus.interfaces import Decoder, DeviceDirectory, DeviceRef, IngestResult
@@ -63,6 +62,20 @@ def _human(delta: timedelta) -> str:
     return f"{seconds:.0f} s"
 
 
+class _SourceCounts:
+    """Frames counted for one source since the last metrics flush."""
+
+    __slots__ = ("decoded", "journaled", "received")
+
+    def __init__(self) -> None:
+        self.received = 0
+        self.journaled = 0
+        self.decoded = 0
+
+    def journaled_one(self) -> None:
+        self.journaled += 1
+
+
 class IngestService:
     """Implements :class:`~isthmus.interfaces.Ingest` for every source of one instance."""
 
@@ -81,19 +94,30 @@ class IngestService:
         self.default_decoder = default_decoder
         self.policy = policy
         self.metrics = metrics
-        self._counters: dict[str, tuple[Any, Any, Any]] = {}
+        self._counts: dict[str, _SourceCounts] = {}
 
-    def _source_counters(self, source: str) -> tuple[Any, Any, Any]:
-        counters = self._counters.get(source)
-        if counters is None:
-            m = self.metrics
-            counters = (
-                m.frames_received.labels(source),
-                m.frames_journaled.labels(source),
-                m.frames_decoded.labels(source),
-            )
-            self._counters[source] = counters
-        return counters
+    def _source_counts(self, source: str) -> _SourceCounts:
+        counts = self._counts.get(source)
+        if counts is None:
+            counts = self._counts[source] = _SourceCounts()
+        return counts
+
+    def flush_metrics(self) -> None:
+        """Add the per-source counts gathered since the last call to the Prometheus counters.
+
+        Counted in plain integers on the event loop (a Prometheus ``inc`` takes a lock, measured at
+        about 5% of the hot path) and flushed when ``/metrics`` is scraped.
+        """
+        m = self.metrics
+        for source, c in self._counts.items():
+            received, journaled, decoded = c.received, c.journaled, c.decoded
+            c.received = c.journaled = c.decoded = 0
+            if received:
+                m.frames_received.labels(source).inc(received)
+            if journaled:
+                m.frames_journaled.labels(source).inc(journaled)
+            if decoded:
+                m.frames_decoded.labels(source).inc(decoded)
 
     def build(
         self, frame: RawFrame, device: DeviceRef, error: str | None = None, decoder_name: str | None = None
@@ -103,8 +127,8 @@ class IngestService:
         ``error`` is set by a source that already knows the frame is unusable (wrong content
         type …); the frame is then recorded with that error without decoding.
         """
-        received, _, decoded = self._source_counters(frame.source)
-        received.inc()
+        counts = self._source_counts(frame.source)
+        counts.received += 1
         self.directory.seen(device.p_uid, None, frame.received_at)
         if error is None:
             name = device.decoder or decoder_name or self.default_decoder
@@ -119,7 +143,7 @@ class IngestService:
         if error is not None:
             self.metrics.frames_failed.labels(frame.source, Status.DECODE_ERROR.value).inc()
             return Record(frame=frame, status=Status.DECODE_ERROR, p_uid=device.p_uid, error=error)
-        decoded.inc()
+        counts.decoded += 1
         return self._message_record(frame, device, points)
 
     def _message_record(self, frame: RawFrame, device: DeviceRef, points: list[Point]) -> Record:
@@ -172,11 +196,11 @@ class IngestService:
     ) -> IngestResult | None:
         """See :class:`~isthmus.interfaces.Ingest`."""
         record = self.build(frame, device, error, decoder)
-        journaled = self._source_counters(frame.source)[1]
+        counts = self._source_counts(frame.source)
         if not wait:
             future = self.journal.append_nowait([record])
-            future.add_done_callback(lambda f: journaled.inc() if not f.exception() else None)
+            future.add_done_callback(lambda f: counts.journaled_one() if not f.exception() else None)
             return None
         seq = (await self.journal.append([record]))[0]
-        journaled.inc()
+        counts.journaled += 1
         return IngestResult(seq, record)

@@ -213,7 +213,8 @@ class Runtime:
         return problems
 
     def refresh_gauges(self) -> None:
-        """Update gauges that are cheaper to compute on scrape than on every change."""
+        """Update gauges and counters that are cheaper to bring up to date on scrape."""
+        self.ingest.flush_metrics()
         for runner in self.runners.values():
             self.metrics.journal_lag.labels(runner.name).set(runner.lag)
 
