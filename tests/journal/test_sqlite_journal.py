@@ -220,3 +220,12 @@ async def test_retention_keeps_the_newest_record_so_seqs_are_never_reused(journa
     report = await journal.apply_retention()
     assert report.deleted == 2
     assert await journal.append([make_record()]) == [4]
+
+
+async def test_checkpoints_run_off_the_commit_path(journal: SQLiteJournal) -> None:
+    db = journal.path
+    before = db.stat().st_size
+    await journal.append([make_record() for _ in range(500)])
+    assert db.stat().st_size == before, "the writer itself does not checkpoint"
+    await asyncio.sleep(1.5)
+    assert db.stat().st_size > before, "the background checkpoint copied the WAL into the database"

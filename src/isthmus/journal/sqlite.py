@@ -44,6 +44,9 @@ from isthmus.message import (
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
+# Seconds between WAL checkpoints, and the size the WAL file is truncated to after one.
+CHECKPOINT_INTERVAL = 1.0
+_WAL_SIZE_LIMIT = 64 * 1024 * 1024
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
@@ -211,6 +214,9 @@ class SQLiteJournal:
         self._active_consumers: frozenset[str] = frozenset()
         self._retention_task: asyncio.Task[None] | None = None
         self._insert_sql: dict[int, str] = {}
+        self._checkpoint_task: asyncio.Task[None] | None = None
+        self._checkpointer: sqlite3.Connection | None = None
+        self._checkpoint_lock = threading.Lock()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -222,6 +228,7 @@ class SQLiteJournal:
         self._writer = threading.Thread(target=self._writer_main, args=(ready,), name="journal-writer", daemon=True)
         self._writer.start()
         await ready
+        self._checkpoint_task = asyncio.create_task(self._checkpoint_loop(), name="journal-checkpoint")
         if self.retention.max_age is not None or self.retention.max_bytes is not None:
             self._retention_task = asyncio.create_task(self._retention_loop(), name="journal-retention")
 
@@ -230,10 +237,11 @@ class SQLiteJournal:
         if self._closed:
             return
         self._closed = True
-        if self._retention_task is not None:
-            self._retention_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._retention_task
+        for task in (self._retention_task, self._checkpoint_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._writer is not None:
             self._queue.put(_STOP)
             await asyncio.to_thread(self._writer.join)
@@ -241,6 +249,10 @@ class SQLiteJournal:
             for conn in self._readers:
                 conn.close()
             self._readers.clear()
+        with self._checkpoint_lock:  # a checkpoint thread may still be running
+            if self._checkpointer is not None:
+                self._checkpointer.close()
+                self._checkpointer = None
 
     @property
     def healthy(self) -> bool:
@@ -272,6 +284,10 @@ class SQLiteJournal:
             conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")
+            # Checkpoints run on their own connection (see _checkpoint), never inside a group
+            # commit, where copying pages and fsyncing the database stalled every waiting device.
+            conn.execute("PRAGMA wal_autocheckpoint = 0")
+            conn.execute(f"PRAGMA journal_size_limit = {_WAL_SIZE_LIMIT}")
         return conn
 
     @contextlib.contextmanager
@@ -635,6 +651,23 @@ class SQLiteJournal:
                 report.floor,
             )
         return report
+
+    def _checkpoint(self) -> None:
+        """Copy committed WAL frames into the database file (PASSIVE: never blocks the writer)."""
+        with self._checkpoint_lock:
+            if self._closed:
+                return
+            if self._checkpointer is None:
+                self._checkpointer = self._connect(readonly=False)
+            self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+
+    async def _checkpoint_loop(self) -> None:
+        while True:
+            await asyncio.sleep(CHECKPOINT_INTERVAL)
+            try:
+                await asyncio.to_thread(self._checkpoint)
+            except sqlite3.Error as exc:
+                log.warning("journal checkpoint failed (will retry): %s", exc)
 
     async def _retention_loop(self) -> None:
         while True:
