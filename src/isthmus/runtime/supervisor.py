@@ -13,6 +13,7 @@ import gc
 import logging
 import os
 import signal
+import sys
 from collections.abc import Callable, Generator, MutableMapping
 from datetime import timedelta
 from pathlib import Path
@@ -280,6 +281,7 @@ async def run(config: Config) -> None:
     rt = Runtime(config)
     await rt.start()
     _tune_gc()
+    _tune_gil()
     try:
         server = _Server(
             uvicorn.Config(
@@ -313,6 +315,17 @@ def _tune_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 20, 20)
+
+
+def _tune_gil() -> None:
+    """Hand the GIL over sooner (0.5 ms instead of 5 ms).
+
+    The journal writer, journal readers and sinks release the GIL around every SQLite step and
+    must get it back from the busy event loop; each hand-off could wait a full switch interval.
+    Measured at a fixed 2,000 requests/s, the shorter interval lowered p99 in every interleaved
+    pair of runs (77→51, 60→50, 53→21 ms) with unchanged saturated throughput.
+    """
+    sys.setswitchinterval(0.0005)
 
 
 def serve(config: Config) -> None:
