@@ -20,7 +20,7 @@ run: $(STAMP)
 ## system-deps: Debian packages the tests and benchmarks need (installed only when missing; needs root)
 system-deps:
 	@missing=""; \
-	for pair in curl:curl wrk:wrk; do \
+	for pair in curl:curl wrk:wrk openssl:openssl mosquitto:mosquitto mosquitto_pub:mosquitto-clients; do \
 	  cmd=$${pair%%:*}; pkg=$${pair##*:}; \
 	  command -v $$cmd >/dev/null 2>&1 || missing="$$missing $$pkg"; \
 	done; \

@@ -129,6 +129,11 @@ class Ingest(Protocol):
         With ``wait=False`` (QoS 0, fire-and-forget) returns ``None`` at once; the record is
         journaled in the next group commit. Raises :class:`~isthmus.errors.JournalError` only
         when the journal cannot store anything (disk full, closed): the device must not be acked.
+
+        Order: submits started in sequence from one task — awaited one by one, or started with
+        ``asyncio.create_task`` one after another without awaiting in between — are journaled in
+        that order, so a source may keep many submits of one connection in flight (and share a
+        group commit) and still acknowledge in order.
         """
         ...
 

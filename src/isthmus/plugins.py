@@ -9,7 +9,7 @@ naming a module-level ``PLUGIN`` spec. A spec carries the plugin's strict config
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -57,7 +57,9 @@ class SourceContext:
     """What a source may use: device lookups by token, device resolution by source ids, metrics.
 
     ``metrics`` is the instance's Prometheus registry: a source registers its own collectors there
-    (names prefixed ``isthmus_<source type>_``), never in the global default registry.
+    (names prefixed ``isthmus_<source type>_``), never in the global default registry. ``shared``
+    is one dictionary for all sources of the instance, where instances of one plugin type keep
+    what they share (collectors registered once, keyed by metric name).
     """
 
     name: str
@@ -65,6 +67,7 @@ class SourceContext:
     directory: DeviceDirectory
     resolver: DeviceResolver
     metrics: CollectorRegistry
+    shared: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -87,3 +87,27 @@ async def test_quarantined_device_frames_are_kept_not_delivered(store: RegistryS
     finally:
         await journal.close()
         cache.close()
+
+
+async def test_submits_started_in_sequence_are_journaled_in_order(store: RegistryStore, tmp_path: Path) -> None:
+    """The ordering promise of Ingest.submit that pipelining sources rely on."""
+    ref = await RegistryResolver(store).resolve("mqtt", IDS, "accept")
+    assert ref is not None
+    cache = DeviceCache(store)
+    cache.load()
+    journal = SQLiteJournal(tmp_path / "journal.db")
+    await journal.open()
+    try:
+        ingest = IngestService(
+            journal, cache, {"thingsboard": ThingsBoardDecoder()}, "thingsboard", TimestampPolicy(), Metrics()
+        )
+        frames = [RawFrame(new_correlation_id(), utcnow(), "mqtt", b'{"n": %d}' % i) for i in range(300)]
+        tasks = [asyncio.create_task(ingest.submit(f, ref)) for f in frames]
+        results = await asyncio.gather(*tasks)
+        seqs = [r.seq for r in results if r is not None]
+        assert seqs == sorted(seqs) and len(set(seqs)) == 300
+        stored = await journal.read(0, 1000)
+        assert [r.frame.correlation_id for r in stored] == [f.correlation_id for f in frames]
+    finally:
+        await journal.close()
+        cache.close()

@@ -94,10 +94,11 @@ class Runtime:
         self._source_tasks: list[asyncio.Task[None]] = []
         self.resolver = RegistryResolver(self.store)
         self._build_runners()
+        shared: dict[str, Any] = {}
         self.sources: dict[str, Source] = {
             sc.name: self.plugins.source(sc.type).create(
                 sc.options,
-                SourceContext(sc.name, config.data_dir, self.cache, self.resolver, self.metrics.registry),
+                SourceContext(sc.name, config.data_dir, self.cache, self.resolver, self.metrics.registry, shared),
             )
             for sc in config.sources
             if sc.enabled
