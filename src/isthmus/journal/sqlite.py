@@ -467,6 +467,8 @@ class SQLiteJournal:
         The returned future resolves like :meth:`append`; callers may ignore it.
         """
         self._check_open()
+        # A task, not a direct enqueue: records of one connection then keep their order with
+        # the waited submits (tasks too) started before them.
         return asyncio.ensure_future(self.append(records))
 
     async def read(self, after: int, limit: int, *, wait: float = 0.0) -> list[Record]:
