@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -39,20 +39,6 @@ class SinkContext:
 
 
 @dataclass(frozen=True, slots=True)
-class SinkPlugin(Generic[C]):
-    """A sink type: its name in configuration, its options model and its factory."""
-
-    name: str
-    description: str
-    config: type[C]
-    factory: Callable[[C, SinkContext], Sink]
-
-    def create(self, options: Mapping[str, Any], ctx: SinkContext) -> Sink:
-        """Validate ``options`` and build the sink; raises ConfigError naming the bad key."""
-        return self.factory(parse_options(self.config, options, f"sink {ctx.name!r}"), ctx)
-
-
-@dataclass(frozen=True, slots=True)
 class SourceContext:
     """What a source may use: device lookups by token, device resolution by source ids, metrics.
 
@@ -70,18 +56,42 @@ class SourceContext:
     shared: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
-class SourcePlugin(Generic[C]):
-    """A source type: its name in configuration, its options model and its factory."""
+class _Named(Protocol):
+    @property
+    def name(self) -> str: ...
 
+
+X = TypeVar("X", bound=_Named)
+P = TypeVar("P")
+
+
+@dataclass(frozen=True, slots=True)
+class _ConfiguredPlugin(Generic[C, X, P]):
+    """A plugin type with options: its name in configuration, its options model and its factory."""
+
+    kind: ClassVar[str] = "plugin"
     name: str
     description: str
     config: type[C]
-    factory: Callable[[C, SourceContext], Source]
+    factory: Callable[[C, X], P]
 
-    def create(self, options: Mapping[str, Any], ctx: SourceContext) -> Source:
-        """Validate ``options`` and build the source; raises ConfigError naming the bad key."""
-        return self.factory(parse_options(self.config, options, f"source {ctx.name!r}"), ctx)
+    def create(self, options: Mapping[str, Any], ctx: X) -> P:
+        """Validate ``options`` and build one instance; raises ConfigError naming the bad key."""
+        return self.factory(parse_options(self.config, options, f"{self.kind} {ctx.name!r}"), ctx)
+
+
+class SinkPlugin(_ConfiguredPlugin[C, SinkContext, Sink]):
+    """A sink type (entry point group ``isthmus.sinks``)."""
+
+    __slots__ = ()
+    kind = "sink"
+
+
+class SourcePlugin(_ConfiguredPlugin[C, SourceContext, Source]):
+    """A source type (entry point group ``isthmus.sources``)."""
+
+    __slots__ = ()
+    kind = "source"
 
 
 @dataclass(frozen=True, slots=True)

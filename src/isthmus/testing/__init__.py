@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
+import msgspec
+
 from isthmus.errors import PermanentSinkError, RetryableSinkError
 from isthmus.interfaces import WriteResult
 from isthmus.message import Kind, Message, Point, RawFrame, Record, Status, Value, new_correlation_id, utcnow
@@ -31,7 +33,7 @@ def make_record(
     """A decoded record as the ingest path would build it (``seq`` 0 until journaled)."""
     now = received_at or utcnow()
     corr = new_correlation_id()
-    payload = b'{"%s": %s}' % (name.encode(), repr(value).encode())
+    payload = msgspec.json.encode({name: value})
     frame = RawFrame(
         correlation_id=corr,
         received_at=now,
