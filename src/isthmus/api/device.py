@@ -72,6 +72,7 @@ class DeviceAPI:
         self.attributes = attributes
         self.max_payload = max_payload
         self._rejected = metrics.frames_rejected
+        self._unauthorized = error_body("unauthorized", "unknown or revoked device token")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Handle one HTTP request (``scope["type"] == "http"`` is assumed)."""
@@ -99,7 +100,7 @@ class DeviceAPI:
         if device is None:
             self._rejected.labels(SOURCE, "unauthorized").inc()
             await _drain(receive, self.max_payload)
-            await _respond(send, 401, error_body("unauthorized", "unknown or revoked device token"))
+            await _respond(send, 401, self._unauthorized)
             return
         content_type = b""
         declared = -1
@@ -162,7 +163,7 @@ class DeviceAPI:
     async def _get_attributes(self, scope: Scope, send: Send, token: str) -> None:
         device = self.directory.by_token(token)
         if device is None:
-            await _respond(send, 401, error_body("unauthorized", "unknown or revoked device token"))
+            await _respond(send, 401, self._unauthorized)
             return
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
         client_keys = _keys(query.get("clientKeys"))

@@ -207,6 +207,7 @@ class SQLiteJournal:
         self._failure: BaseException | None = None
         self.last_error: str | None = None
         self._last_seq = 0
+        self._written_seq = 0
         self._appended = asyncio.Event()
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
@@ -334,6 +335,8 @@ class SQLiteJournal:
             conn.executescript(_SCHEMA)
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             self._last_seq = conn.execute("SELECT coalesce(max(seq), 0) FROM records").fetchone()[0]
+            # The writer's own copy: it alone appends, so it knows the newest seq after each commit.
+            self._written_seq = self._last_seq
         except (sqlite3.Error, JournalError) as exc:
             error = exc if isinstance(exc, JournalError) else JournalError(f"cannot open journal {self.path}: {exc}")
             loop.call_soon_threadsafe(_set_exception, ready, error)
@@ -374,8 +377,10 @@ class SQLiteJournal:
         try:
             conn.execute("BEGIN IMMEDIATE")
             appends = [op for op in batch if op.rows is not None]
+            last_written = self._written_seq
             if appends:
                 seqs = self._insert([row for op in appends for row in op.rows or ()], conn)
+                last_written = seqs[-1]
                 start = 0
                 for op in appends:
                     op.result = seqs[start : start + op.size]
@@ -384,6 +389,7 @@ class SQLiteJournal:
                 if op.fn is not None:
                     op.result = op.fn(conn)
             conn.execute("COMMIT")
+            self._written_seq = last_written
         except Exception as exc:  # noqa: BLE001 - the writer thread must survive any one batch
             error = exc
             with contextlib.suppress(sqlite3.Error):
@@ -392,10 +398,7 @@ class SQLiteJournal:
             # goes on with the next batch, so a full disk recovers by itself once space is freed.
             log.error("journal commit failed: %s", exc)
         elapsed = time.perf_counter() - started
-        last_seq = self._last_seq
-        if error is None:
-            last_seq = conn.execute("SELECT coalesce(max(seq), 0) FROM records").fetchone()[0]
-        loop.call_soon_threadsafe(self._resolve, batch, error, last_seq, elapsed)
+        loop.call_soon_threadsafe(self._resolve, batch, error, self._written_seq, elapsed)
 
     def _insert(self, rows: list[tuple[Any, ...]], conn: sqlite3.Connection) -> list[int]:
         """Insert ``rows`` with multi-row INSERTs; return their sequence numbers.

@@ -129,7 +129,6 @@ class IngestService:
         """
         counts = self._source_counts(frame.source)
         counts.received += 1
-        self.directory.seen(device.p_uid, None, frame.received_at)
         if error is None:
             name = device.decoder or decoder_name or self.default_decoder
             decoder = self.decoders.get(name)
@@ -141,6 +140,7 @@ class IngestService:
                 except DecodeError as exc:
                     error = str(exc)
         if error is not None:
+            self.directory.seen(device.p_uid, None, frame.received_at)
             self.metrics.frames_failed.labels(frame.source, Status.DECODE_ERROR.value).inc()
             return Record(frame=frame, status=Status.DECODE_ERROR, p_uid=device.p_uid, error=error)
         counts.decoded += 1
@@ -156,8 +156,7 @@ class IngestService:
         elif own and len(own) == len(points):
             timestamp = min(own)
         l_uid = self.directory.mapping_at(device.p_uid, timestamp)
-        if l_uid is not None:
-            self.directory.seen(device.p_uid, l_uid, frame.received_at)
+        self.directory.seen(device.p_uid, l_uid, frame.received_at)
         message = Message(
             correlation_id=frame.correlation_id,
             received_at=frame.received_at,

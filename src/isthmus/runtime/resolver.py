@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
-from typing import TypeVar
 
 from isthmus.errors import InvalidRequest
 from isthmus.interfaces import DeviceRef
 from isthmus.registry.models import PhysicalDevice, PhysicalDeviceCreate
 from isthmus.registry.store import RegistryStore
 
-T = TypeVar("T")
 POLICIES = ("accept", "quarantine", "reject")
 _Key = tuple[str, str]
 
@@ -62,7 +59,7 @@ class RegistryResolver:
         future: asyncio.Future[DeviceRef | None] = asyncio.get_running_loop().create_future()
         self._creating[key] = future
         try:
-            ref = await self._thread(self._find_or_create, source_name, source_ids, policy)
+            ref = await asyncio.to_thread(self._find_or_create, source_name, source_ids, policy)
             future.set_result(ref)
         except BaseException as exc:
             future.set_exception(exc)
@@ -92,7 +89,3 @@ class RegistryResolver:
             )
         )
         return _ref(created)
-
-    @staticmethod
-    async def _thread(fn: Callable[..., T], *args: object) -> T:
-        return await asyncio.to_thread(fn, *args)
