@@ -14,6 +14,8 @@ are caught, so callers never need to know which library sits underneath::
      ├── RegistryError          the device/user registry refused an operation
      │    ├── NotFound          no such device, mapping, user, dead letter …
      │    └── Conflict          a uniqueness or state rule would be broken (duplicate token, name …)
+     ├── DeviceUnreachable      no connection or session can carry a request to the device
+     ├── DeviceTimeout          the device did not answer an RPC request in time
      ├── JournalError           the journal could not durably store or read records
      │    └── JournalClosed     the journal was used after close()
      └── SinkError              a sink could not write a batch
@@ -82,6 +84,18 @@ class Conflict(RegistryError):  # noqa: N818
     """The operation would break a uniqueness or state rule."""
 
     code = "conflict"
+
+
+class DeviceUnreachable(IsthmusError):  # noqa: N818
+    """No live connection or persistent session takes requests for the device."""
+
+    code = "device_unreachable"
+
+
+class DeviceTimeout(IsthmusError):  # noqa: N818
+    """The device did not answer in time."""
+
+    code = "device_timeout"
 
 
 class JournalError(IsthmusError):

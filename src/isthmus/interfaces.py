@@ -9,16 +9,19 @@
                                                    │
                        SinkRunner (one per sink, own cursor in the Journal) ─► Sink.write
 
+    operator ─► management API ─► Downlink ─► DeviceLink (a source's session) ─► device
+                                  (shared-attribute updates, server-side RPC, online state)
+
 A plugin (source, decoder, sink) imports only :mod:`isthmus.message`, this module,
 :mod:`isthmus.errors`, :mod:`isthmus.plugins` and third-party libraries.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from isthmus.message import Kind, Point, RawFrame, Record
 
@@ -148,6 +151,103 @@ class Source(Protocol):
         cancellation, stop accepting, finish or abandon (unacknowledged) in-flight frames, and
         release every socket before returning.
         """
+        ...
+
+
+# --------------------------------------------------------------------------- downlink
+
+
+class DeviceLink(Protocol):
+    """One way to reach devices back: a source's session (an MQTT connection, or the persistent
+    session it leaves behind; a gateway connection carrying many devices).
+
+    Calls come from the event loop and must not block: a link queues what it cannot send at once.
+    """
+
+    @property
+    def connected(self) -> bool:
+        """True while the device is connected through this link (a persistent session that
+        outlives its connection stays attached but is not connected)."""
+        ...
+
+    def push_attributes(self, p_uid: int, values: Mapping[str, Any]) -> bool:
+        """Send device ``p_uid`` its changed shared attributes (queued while disconnected).
+
+        ``False`` when the device has not subscribed to attribute updates on this link.
+        """
+        ...
+
+    def send_rpc(self, p_uid: int, request_id: int, method: str, params: Any) -> bool:
+        """Send device ``p_uid`` a server-side RPC request (queued while disconnected).
+
+        ``False`` when the device does not take RPC requests on this link (not subscribed) or
+        the link's queue is full. The response, if any, comes back through
+        :meth:`Downlink.rpc_response`.
+        """
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceState:
+    """A physical device's connection state as the sources see it."""
+
+    online: bool
+    since: datetime | None = None
+    """When the device last came online or went offline (``None``: not since start-up)."""
+    links: int = 0
+    """Live links (connections and persistent sessions) that can reach the device."""
+
+
+class Downlink(Protocol):
+    """The instance's registry of device links: online state, attribute pushes and RPC.
+
+    Sources attach a link when a device connects (or a gateway announces it) and detach it when
+    the connection and any session it leaves behind are gone.
+    """
+
+    def attach(self, p_uid: int, link: DeviceLink) -> None:
+        """Device ``p_uid`` is reachable through ``link`` (idempotent)."""
+        ...
+
+    def detach(self, p_uid: int, link: DeviceLink) -> None:
+        """Device ``p_uid`` is no longer reachable through ``link`` (idempotent)."""
+        ...
+
+    def changed(self, p_uid: int) -> None:
+        """A link of ``p_uid`` connected or disconnected without attaching or detaching
+        (a persistent session resumed or was left behind): re-evaluate the online state."""
+        ...
+
+    def state(self, p_uid: int) -> DeviceState:
+        """Whether ``p_uid`` is online (connected through at least one link) and since when."""
+        ...
+
+    def push_attributes(self, p_uid: int, values: Mapping[str, Any]) -> int:
+        """Push changed shared attributes to every link of ``p_uid``; how many took them."""
+        ...
+
+    async def rpc(self, p_uid: int, method: str, params: Any, *, timeout: float, oneway: bool = False) -> Any:
+        """Call ``method`` on device ``p_uid`` and return its response (``None`` when ``oneway``).
+
+        Raises :class:`~isthmus.errors.DeviceUnreachable` when no link takes RPC for the device,
+        :class:`~isthmus.errors.DeviceTimeout` when no response came within ``timeout`` seconds.
+        """
+        ...
+
+    def rpc_response(self, p_uid: int, request_id: int, response: Any) -> bool:
+        """A device answered request ``request_id``; ``False`` if nobody waits for it (late, unknown)."""
+        ...
+
+    async def client_rpc(self, p_uid: int, method: str, params: Any) -> Any:
+        """Answer an RPC request a device sent to the server (client-side RPC)."""
+        ...
+
+
+class AttributeReader(Protocol):
+    """Read access to the devices' latest attributes."""
+
+    async def get(self, p_uid: int, scope: str, keys: list[str] | None) -> dict[str, Any]:
+        """The device's attributes in ``scope`` (``client`` or ``shared``), optionally only ``keys``."""
         ...
 
 

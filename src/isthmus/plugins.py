@@ -8,7 +8,7 @@ naming a module-level ``PLUGIN`` spec. A spec carries the plugin's strict config
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -18,7 +18,13 @@ from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from isthmus.errors import ConfigError
-from isthmus.interfaces import Decoder, DeviceDirectory, DeviceResolver, Sink, Source
+from isthmus.interfaces import AttributeReader, Decoder, DeviceDirectory, DeviceResolver, Downlink, Sink, Source
+
+WebSocketApp = Callable[
+    [MutableMapping[str, Any], Callable[[], Awaitable[MutableMapping[str, Any]]], Callable[[Any], Awaitable[None]]],
+    Awaitable[None],
+]
+"""An ASGI application for ``websocket`` scopes: ``(scope, receive, send)``."""
 
 
 class PluginConfig(BaseModel):
@@ -40,12 +46,15 @@ class SinkContext:
 
 @dataclass(frozen=True, slots=True)
 class SourceContext:
-    """What a source may use: device lookups by token, device resolution by source ids, metrics.
+    """What a source may use: device lookups by token, device resolution by source ids, metrics,
+    the way back to devices, their attributes, and WebSocket paths on the HTTP port.
 
     ``metrics`` is the instance's Prometheus registry: a source registers its own collectors there
     (names prefixed ``isthmus_<source type>_``), never in the global default registry. ``shared``
     is one dictionary for all sources of the instance, where instances of one plugin type keep
-    what they share (collectors registered once, keyed by metric name).
+    what they share (collectors registered once, keyed by metric name). ``websockets`` maps a path
+    of the HTTP listener to the ASGI application serving WebSocket connections there; a source
+    adds its own when it is built (one dictionary for the whole instance, like ``shared``).
     """
 
     name: str
@@ -53,7 +62,10 @@ class SourceContext:
     directory: DeviceDirectory
     resolver: DeviceResolver
     metrics: CollectorRegistry
+    downlink: Downlink
+    attributes: AttributeReader
     shared: dict[str, Any] = field(default_factory=dict)
+    websockets: dict[str, WebSocketApp] = field(default_factory=dict)
 
 
 class _Named(Protocol):

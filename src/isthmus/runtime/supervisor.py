@@ -27,9 +27,10 @@ from isthmus.config import Config, SinkConfig
 from isthmus.errors import ConfigError, NotFound
 from isthmus.interfaces import Decoder, Source, TimeseriesReader
 from isthmus.journal.sqlite import RetentionPolicy, SQLiteJournal, journal_path
-from isthmus.plugins import Plugins, SinkContext, SourceContext
+from isthmus.plugins import Plugins, SinkContext, SourceContext, WebSocketApp
 from isthmus.registry.cache import DeviceCache
 from isthmus.registry.store import RegistryStore
+from isthmus.runtime.downlink import DownlinkHub
 from isthmus.runtime.ingest import IngestService, TimestampPolicy
 from isthmus.runtime.logs import setup_logging
 from isthmus.runtime.metrics import Metrics
@@ -94,11 +95,23 @@ class Runtime:
         self._source_tasks: list[asyncio.Task[None]] = []
         self.resolver = RegistryResolver(self.store)
         self._build_runners()
+        self.downlink = DownlinkHub(self.metrics.registry)
+        self.websockets: dict[str, WebSocketApp] = {}
         shared: dict[str, Any] = {}
         self.sources: dict[str, Source] = {
             sc.name: self.plugins.source(sc.type).create(
                 sc.options,
-                SourceContext(sc.name, config.data_dir, self.cache, self.resolver, self.metrics.registry, shared),
+                SourceContext(
+                    sc.name,
+                    config.data_dir,
+                    self.cache,
+                    self.resolver,
+                    self.metrics.registry,
+                    downlink=self.downlink,
+                    attributes=self.attributes,
+                    shared=shared,
+                    websockets=self.websockets,
+                ),
             )
             for sc in config.sources
             if sc.enabled
@@ -236,9 +249,18 @@ class Runtime:
         device = DeviceAPI(self.ingest, self.cache, self.attributes, self.metrics, self.config.http.max_payload)
         management = management_app(self)
 
+        websockets = self.websockets
+
         async def app(scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
-            if scope["type"] == "http" and scope["path"].startswith("/api/v1/"):
+            kind = scope["type"]
+            if kind == "http" and scope["path"].startswith("/api/v1/"):
                 await device(scope, receive, send)
+            elif kind == "websocket":
+                handler = websockets.get(scope["path"])
+                if handler is None:
+                    await send({"type": "websocket.close", "code": 1008, "reason": "no WebSocket endpoint here"})
+                else:
+                    await handler(scope, receive, send)
             else:
                 await management(scope, receive, send)
 
