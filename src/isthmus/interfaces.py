@@ -54,6 +54,8 @@ class DeviceRef:
 
     ``quarantined`` marks a device auto-created under the ``quarantine`` policy and not yet
     enabled by an operator: its frames are journaled as quarantined, never delivered.
+    ``gateway``: the device may speak for other devices (ThingsBoard gateway API); set with the
+    device property ``"gateway": true``.
     """
 
     p_uid: int
@@ -61,6 +63,7 @@ class DeviceRef:
     source_name: str
     decoder: str | None = None
     quarantined: bool = False
+    gateway: bool = False
 
 
 class DeviceDirectory(Protocol):
@@ -68,6 +71,18 @@ class DeviceDirectory(Protocol):
 
     def by_token(self, token: str) -> DeviceRef | None:
         """The enabled device with this access token, or ``None`` (unknown or revoked)."""
+        ...
+
+    async def by_password(self, username: str, password: str) -> DeviceRef | None:
+        """The enabled device with this username + password credential, or ``None``.
+
+        ``None`` for an unknown username, a wrong password or a disabled device; never raises
+        for bad input (empty, over-long or odd text is simply not a credential). The password
+        check is CPU-heavy (argon2) and runs off the event loop; repeated successful checks are
+        answered from memory. Raises :class:`~isthmus.errors.RegistryError` when the registry is
+        unavailable (or too busy checking passwords to take another one now): answer "server
+        unavailable", not "bad credentials", so the device retries.
+        """
         ...
 
     def mapping_at(self, p_uid: int, at: datetime) -> int | None:
@@ -226,11 +241,11 @@ class Downlink(Protocol):
         """Push changed shared attributes to every link of ``p_uid``; how many took them."""
         ...
 
-    async def rpc(self, p_uid: int, method: str, params: Any, *, timeout: float, oneway: bool = False) -> Any:
+    async def rpc(self, p_uid: int, method: str, params: Any, *, within: float, oneway: bool = False) -> Any:
         """Call ``method`` on device ``p_uid`` and return its response (``None`` when ``oneway``).
 
         Raises :class:`~isthmus.errors.DeviceUnreachable` when no link takes RPC for the device,
-        :class:`~isthmus.errors.DeviceTimeout` when no response came within ``timeout`` seconds.
+        :class:`~isthmus.errors.DeviceTimeout` when no response came ``within`` seconds.
         """
         ...
 

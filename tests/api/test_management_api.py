@@ -216,3 +216,88 @@ async def test_failing_sink_dead_letters_others_unaffected_ready_reports_it(
     assert (await instance.http.get("/ready")).status_code == 200
     assert all(d["redriven"] for d in (await instance.admin.get("/mgmt/dead-letters")).json())
     assert_error_shape(await instance.admin.post("/mgmt/dead-letters/redrive", json={"sink": "nope"}), 404, "not_found")
+
+
+# ----------------------------------------------------------------------------- device credentials
+
+
+async def test_device_credentials_lifecycle_and_the_hot_path(instance: Any) -> None:
+    dev = await instance.device("tank-7")
+    assert dev["username"] is None
+    uid, cache = dev["uid"], instance.runtime.cache
+    r = await instance.admin.put(f"/mgmt/physical/{uid}/credentials", json={"username": "tank-7", "password": "pw-1"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert (body["uid"], body["username"], body["token"]) == (uid, "tank-7", dev["token"])
+    for text in (r.text, (await instance.admin.get(f"/mgmt/physical/{uid}")).text):
+        assert "pw-1" not in text and "argon2" not in text and "password" not in text
+    assert (await instance.admin.get(f"/mgmt/physical/{uid}")).json()["username"] == "tank-7"
+    assert [d["username"] for d in (await instance.admin.get("/mgmt/physical")).json()] == ["tank-7"]
+
+    ref = await cache.by_password("tank-7", "pw-1")
+    assert ref is not None and ref.p_uid == uid
+    assert await cache.by_password("tank-7", "wrong") is None
+
+    r = await instance.admin.put(f"/mgmt/physical/{uid}/credentials", json={"username": "tank-7", "password": "pw-2"})
+    assert r.status_code == 200, r.text
+    assert await cache.by_password("tank-7", "pw-1") is None  # remembered before, refused now
+    assert await cache.by_password("tank-7", "pw-2") is not None
+
+    r = await instance.admin.delete(f"/mgmt/physical/{uid}/credentials")
+    assert r.status_code == 200, r.text
+    assert r.json()["username"] is None
+    assert await cache.by_password("tank-7", "pw-2") is None
+    assert cache.by_token(dev["token"]) is not None
+    msg = assert_error_shape(await instance.admin.delete(f"/mgmt/physical/{uid}/credentials"), 404, "not_found")
+    assert "no username and password credentials" in msg
+    missing = {"username": "x", "password": "y"}
+    assert_error_shape(await instance.admin.put("/mgmt/physical/999/credentials", json=missing), 404, "not_found")
+    assert_error_shape(await instance.admin.delete("/mgmt/physical/999/credentials"), 404, "not_found")
+
+    r = await instance.admin.put(f"/mgmt/physical/{uid}/credentials", json={"username": "tank-7", "password": "pw-3"})
+    assert (await instance.admin.delete(f"/mgmt/physical/{uid}")).json()["username"] == "tank-7"
+    assert await cache.by_password("tank-7", "pw-3") is None
+
+
+async def test_device_credentials_conflicts_and_bad_values(instance: Any) -> None:
+    a, b = await instance.device("a"), await instance.device("b")
+    ok = {"username": "shared", "password": "pw"}
+    assert (await instance.admin.put(f"/mgmt/physical/{a['uid']}/credentials", json=ok)).status_code == 200
+    msg = assert_error_shape(
+        await instance.admin.put(f"/mgmt/physical/{b['uid']}/credentials", json=ok), 409, "conflict"
+    )
+    assert "already in use by another device" in msg
+    assert (await instance.admin.get(f"/mgmt/physical/{b['uid']}")).json()["username"] is None
+    secret = "p" * 1001
+    for bad in (
+        {"username": "", "password": "pw"},
+        {"username": "u", "password": ""},
+        {"username": "u" * 201, "password": "pw"},
+        {"username": "u", "password": secret},
+        {"username": " u", "password": "pw"},
+        {"username": "u\u0000", "password": "pw"},
+    ):
+        r = await instance.admin.put(f"/mgmt/physical/{b['uid']}/credentials", json=bad)
+        assert secret not in assert_error_shape(r, 400, "invalid_request"), bad
+    for bad in ({"username": "u"}, {"username": 1, "password": 2}, {"username": "u", "password": "p", "id": "c"}):
+        r = await instance.admin.put(f"/mgmt/physical/{b['uid']}/credentials", json=bad)
+        assert_error_shape(r, 422, "invalid_request")
+    assert (await instance.admin.get(f"/mgmt/physical/{b['uid']}")).json()["username"] is None
+
+
+async def test_device_credentials_need_a_writer(instance: Any) -> None:
+    dev = await instance.device("d")
+    path = f"/mgmt/physical/{dev['uid']}/credentials"
+    body = {"username": "u", "password": "pw"}
+    assert_error_shape(await instance.http.put(path, json=body), 401, "unauthorized")
+    assert_error_shape(await instance.http.delete(path), 401, "unauthorized")
+    r = await instance.admin.post("/mgmt/users", json={"username": "viewer", "password": "12345678", "read_only": True})
+    viewer = {"Authorization": f"Bearer {r.json()['token']}"}
+    assert_error_shape(await instance.http.put(path, json=body, headers=viewer), 403, "forbidden")
+    assert (await instance.admin.put(path, json=body)).status_code == 200
+    assert_error_shape(await instance.http.delete(path, headers=viewer), 403, "forbidden")
+    seen = await instance.http.get(f"/mgmt/physical/{dev['uid']}", headers=viewer)
+    assert seen.status_code == 200 and seen.json()["username"] == "u"  # readers see the username only
+    spec = (await instance.http.get("/openapi.json")).json()
+    assert {"put", "delete"} <= set(spec["paths"]["/mgmt/physical/{uid}/credentials"])
+    assert "username" in spec["components"]["schemas"]["PhysicalDevice"]["properties"]

@@ -34,7 +34,7 @@ def test_the_command_tree_has_every_broker_cli_command() -> None:
     names = {" ".join(p) for p in _all_command_paths()}
     expected = {
         "serve", "config check",
-        "pd get", "pd ls", "pd lum", "pd create", "pd up", "pd rm",
+        "pd get", "pd ls", "pd lum", "pd create", "pd up", "pd rm", "pd credentials",
         "ld get", "ld ls", "ld create", "ld up", "ld rm",
         "map start", "map end", "map ls", "map pause", "map resume",
         "users add", "users rm", "users token", "users chng", "users ls",

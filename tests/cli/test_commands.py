@@ -504,3 +504,83 @@ def test_config_check_invalid(bare_cli, error_line, tmp_path: Path) -> None:
     result = bare_cli("--config", "c.toml", "config", "check")
     assert result.exit_code == 1
     assert error_line(result) == "error: invalid configuration: c.toml: http.prot: unknown key"
+
+
+# --- pd credentials ---------------------------------------------------------------------------
+
+PD1_WITH_USER = {**PD1, "username": "tank-7"}
+
+
+def test_pd_credentials_sets_username_and_password(cli, fake) -> None:
+    fake.on("PUT", "/mgmt/physical/1/credentials", PD1_WITH_USER)
+    result = cli("pd", "credentials", "--puid", "1", "--username", "tank-7", "--password", "s3cret")
+    assert result.exit_code == 0, result.output
+    assert fake.last.method == "PUT"
+    assert fake.body() == {"username": "tank-7", "password": "s3cret"}
+    printed = json.loads(result.stdout)
+    assert printed["username"] == "tank-7" and "properties" not in printed
+    assert "s3cret" not in result.output
+
+
+def test_pd_credentials_reads_the_password_from_stdin_without_echo(cli, fake) -> None:
+    fake.on("PUT", "/mgmt/physical/1/credentials", PD1_WITH_USER)
+    result = cli("pd", "credentials", "--puid", "1", "-u", "tank-7", input="pipe d secret\r\nsecond line\n")
+    assert result.exit_code == 0, result.output
+    assert fake.body() == {"username": "tank-7", "password": "pipe d secret"}
+    assert "secret" not in result.output
+
+
+def test_pd_credentials_prompts_hidden_on_a_terminal(cli, fake, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("isthmus.cli.devices._stdin_is_terminal", lambda: True)
+    fake.on("PUT", "/mgmt/physical/1/credentials", PD1_WITH_USER)
+    result = cli("pd", "credentials", "--puid", "1", "-u", "tank-7", input="typed pw\ntyped pw\n")
+    assert result.exit_code == 0, result.output
+    assert fake.body()["password"] == "typed pw"
+    assert "Password:" in result.output and "Repeat for confirmation:" in result.output
+    assert "typed pw" not in result.output  # hidden input
+
+
+def test_pd_credentials_prompt_mismatch_asks_again(cli, fake, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("isthmus.cli.devices._stdin_is_terminal", lambda: True)
+    fake.on("PUT", "/mgmt/physical/1/credentials", PD1_WITH_USER)
+    result = cli("pd", "credentials", "--puid", "1", "-u", "u", input="one\ntwo\nthree\nthree\n")
+    assert result.exit_code == 0, result.output
+    assert fake.body()["password"] == "three"
+
+
+def test_pd_credentials_without_a_password_on_stdin(cli, fake, error_line) -> None:
+    result = cli("pd", "credentials", "--puid", "1", "-u", "tank-7", input="")
+    assert result.exit_code == 2
+    assert error_line(result).startswith("error: no password: give --password, or one line on standard input")
+    assert fake.requests == []
+
+
+def test_pd_credentials_remove(cli, fake) -> None:
+    fake.on("DELETE", "/mgmt/physical/1/credentials", {**PD1, "username": None})
+    result = cli("pd", "credentials", "--puid", "1", "--remove")
+    assert result.exit_code == 0, result.output
+    assert fake.last.method == "DELETE"
+    assert json.loads(result.stdout)["username"] is None
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "one of (--username | --remove) is required"),
+        (["-u", "x", "--remove"], "--username and --remove cannot be combined"),
+        (["--remove", "-p", "pw"], "--password cannot be combined with --remove"),
+    ],
+)
+def test_pd_credentials_usage_errors(cli, fake, error_line, args: list[str], message: str) -> None:
+    result = cli("pd", "credentials", "--puid", "1", *args, input="pw\n")
+    assert result.exit_code == 2
+    assert message in error_line(result)
+    assert fake.requests == []
+
+
+def test_pd_credentials_conflict_is_the_servers_sentence(cli, fake, error_line) -> None:
+    message = "username 'tank-7' already in use by another device"
+    fake.error("PUT", "/mgmt/physical/2/credentials", 409, "conflict", message)
+    result = cli("pd", "credentials", "--puid", "2", "-u", "tank-7", "-p", "pw")
+    assert result.exit_code == 1
+    assert error_line(result) == f"error: {message}"

@@ -259,3 +259,20 @@ def test_console_entry_point(server: Server) -> None:
     assert bad.stdout == ""
     assert bad.stderr.startswith("error: Isthmus rejected the token from --token (401 unauthorized")
     assert bad.stderr.count("\n") == 1
+
+
+def test_device_credentials(server: Server) -> None:
+    uid = server.json("pd", "create", "--json", '{"name": "creds-a", "source_name": "mqtt"}')["uid"]
+    other = server.json("pd", "create", "--json", '{"name": "creds-b", "source_name": "mqtt"}')["uid"]
+    set_out = server.cli("pd", "credentials", "--puid", str(uid), "-u", "creds-a", input="hunter2 hunter2\n")
+    assert set_out.exit_code == 0, set_out.output
+    assert "hunter2" not in set_out.output
+    assert json.loads(set_out.stdout)["username"] == "creds-a"
+    assert server.json("pd", "get", "--puid", str(uid))["username"] == "creds-a"
+    taken = server.cli("pd", "credentials", "--puid", str(other), "-u", "creds-a", "-p", "x")
+    assert taken.exit_code == 1
+    assert taken.stderr == "error: username 'creds-a' already in use by another device\n"
+    assert server.json("pd", "credentials", "--puid", str(uid), "--remove")["username"] is None
+    again = server.cli("pd", "credentials", "--puid", str(uid), "--remove")
+    assert again.exit_code == 1
+    assert "has no username and password credentials" in again.stderr

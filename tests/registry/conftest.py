@@ -118,8 +118,17 @@ def make_store(
                 urls[name] = f"sqlite:///{path}"
         return urls[name]
 
-    def make(name: str = "registry.db", *, hasher: PasswordHasher | None = None) -> RegistryStore:
-        store = RegistryStore(url_of(name), password_hasher=hasher or cheap_hasher())
+    def make(
+        name: str = "registry.db",
+        *,
+        hasher: PasswordHasher | None = None,
+        device_hasher: PasswordHasher | None = None,
+    ) -> RegistryStore:
+        store = RegistryStore(
+            url_of(name),
+            password_hasher=hasher or cheap_hasher(),
+            device_password_hasher=device_hasher or cheap_hasher(),
+        )
         opened.append(store)
         return store
 

@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.operations import Operations
@@ -15,10 +16,12 @@ from sqlalchemy import Column, Integer, MetaData, String, Table, create_engine, 
 from sqlalchemy.exc import StatementError
 
 from isthmus.errors import RegistryError
-from isthmus.registry.migrations import SCRIPT_LOCATION, migrate
+from isthmus.registry.migrations import SCRIPT_LOCATION, alembic_config, migrate
 from isthmus.registry.models import LogicalDeviceCreate
-from isthmus.registry.schema import logical_devices, metadata
+from isthmus.registry.schema import logical_devices, metadata, physical_devices
 from isthmus.registry.store import RegistryStore
+
+HEAD = "0002"
 
 
 def _diff(store: RegistryStore, target: MetaData) -> list[object]:
@@ -55,7 +58,7 @@ def test_migrate_twice_is_a_no_op(tmp_path: Path) -> None:
             assert conn.execute(text("SELECT type, name, sql FROM sqlite_master ORDER BY name")).all() == (
                 schema_before
             )
-            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == ["0001"]
+            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == [HEAD]
 
 
 def test_data_survives_reopening_and_re_migrating(tmp_path: Path) -> None:
@@ -77,13 +80,14 @@ def test_migrate_accepts_a_connection_in_the_callers_transaction(tmp_path: Path)
             names = set(conn.execute(text("SELECT name FROM sqlite_master WHERE type='table'")).scalars())
     finally:
         engine.dispose()
-    assert {"physical_devices", "logical_devices", "mappings", "users", "api_tokens"} <= names
+    assert {"physical_devices", "logical_devices", "mappings", "users", "api_tokens", "device_credentials"} <= names
 
 
 def test_migrations_ship_inside_the_package() -> None:
     assert (SCRIPT_LOCATION / "env.py").is_file()
     assert (SCRIPT_LOCATION / "script.py.mako").is_file()
     assert (SCRIPT_LOCATION / "versions" / "0001_initial.py").is_file()
+    assert (SCRIPT_LOCATION / "versions" / "0002_device_credentials.py").is_file()
 
 
 def test_initial_migration_renders_for_postgresql() -> None:
@@ -156,3 +160,59 @@ def test_in_memory_url_works_for_single_threaded_use() -> None:
         store.migrate()
         store.create_logical(LogicalDeviceCreate(name="in memory"))
         assert [d.name for d in store.list_logical()] == ["in memory"]
+
+
+def _load_migration(filename: str) -> object:
+    spec = importlib.util.spec_from_file_location(f"registry_{filename}", SCRIPT_LOCATION / "versions" / filename)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_device_credentials_migration_upgrades_a_populated_0001_database_and_back(tmp_path: Path) -> None:
+    with RegistryStore(f"sqlite:///{tmp_path / 'r.db'}") as store:
+        with store.engine.begin() as conn:
+            command.upgrade(alembic_config(conn), "0001")
+        with store.engine.begin() as conn:
+            tables = set(conn.execute(text("SELECT name FROM sqlite_master WHERE type='table'")).scalars())
+        assert "device_credentials" not in tables
+        row = {
+            "name": "old",
+            "source_name": "http",
+            "source_ids": {},
+            "source_key": "{}",
+            "properties": {},
+            "token": "tok",
+            "enabled": True,
+            "created_at": datetime.now(UTC),
+        }
+        with store.engine.begin() as conn:  # written by the previous version
+            uid = conn.execute(insert(physical_devices).values(row)).inserted_primary_key[0]
+        store.migrate()
+        assert _diff(store, metadata) == []
+        assert store.get_physical(uid).username is None
+        store.set_credentials(uid, "old-user", "pw")
+        with store.engine.begin() as conn:
+            command.downgrade(alembic_config(conn), "0001")
+        with store.engine.connect() as conn:
+            tables = set(conn.execute(text("SELECT name FROM sqlite_master WHERE type='table'")).scalars())
+            tokens = conn.execute(text("SELECT token FROM physical_devices")).scalars().all()
+        assert "device_credentials" not in tables
+        assert tokens == ["tok"]  # the device and its token survive the downgrade
+        store.migrate()
+        assert store.get_physical(uid).username is None
+
+
+def test_device_credentials_migration_renders_for_postgresql() -> None:
+    module = _load_migration("0002_device_credentials.py")
+    buffer = io.StringIO()
+    context = MigrationContext.configure(dialect_name="postgresql", opts={"as_sql": True, "output_buffer": buffer})
+    with Operations.context(context):
+        module.upgrade()  # type: ignore[attr-defined]
+    sql = " ".join(buffer.getvalue().split())
+    assert "CREATE TABLE device_credentials ( p_uid INTEGER NOT NULL," in sql  # not SERIAL: the device's uid
+    assert "SERIAL" not in sql
+    assert "CONSTRAINT uq_device_credentials_username UNIQUE (username)" in sql
+    assert "REFERENCES physical_devices (uid) ON DELETE CASCADE" in sql
+    assert "TIMESTAMP WITH TIME ZONE" in sql

@@ -26,7 +26,16 @@ from isthmus.registry.store import RegistryStore
 from isthmus.testing.postgres import TemporaryPostgres
 
 T0 = datetime(2024, 3, 1, 12, 0, tzinfo=UTC)
-TABLES = {"alembic_version", "api_tokens", "logical_devices", "mappings", "physical_devices", "users"}
+TABLES = {
+    "alembic_version",
+    "api_tokens",
+    "device_credentials",
+    "logical_devices",
+    "mappings",
+    "physical_devices",
+    "users",
+}
+HEAD = "0002"
 
 NewUrl = Callable[[], str]
 
@@ -62,7 +71,7 @@ def test_migrated_database_matches_the_metadata_exactly(empty_url: str) -> None:
         assert _diff(store, metadata) == []
         with store.engine.connect() as conn:
             names = set(conn.execute(text("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")).scalars())
-            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == ["0001"]
+            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == [HEAD]
     assert names == TABLES
 
 
@@ -109,7 +118,9 @@ def test_server_types_are_the_portable_ones(make_postgres_url: NewUrl) -> None:
     assert types["physical_devices.source_ids"] == types["physical_devices.properties"] == "json"
     assert types["physical_devices.enabled"] == "boolean"
     assert types["physical_devices.latitude"] == "double precision"
-    assert defaults == TABLES - {"alembic_version"}  # SERIAL: one sequence per table
+    assert types["device_credentials.updated_at"] == "timestamp with time zone"
+    # SERIAL: one sequence per table, except device_credentials, keyed by the device's uid
+    assert defaults == TABLES - {"alembic_version", "device_credentials"}
 
 
 def test_open_mapping_indexes_are_partial_and_unique(make_postgres_url: NewUrl) -> None:
@@ -177,3 +188,23 @@ def test_unreachable_server_is_a_registry_error_without_the_password(refusing_po
     with RegistryStore(url) as store, pytest.raises(RegistryError, match=r"^cannot list users: connection") as info:
         store.list_users()
     assert "s3cret" not in str(info.value)
+
+
+def test_device_credentials_constraints(make_postgres_url: NewUrl) -> None:
+    with RegistryStore(make_postgres_url()) as store:
+        with store.engine.connect() as conn:
+            constraints = dict(
+                conn.execute(
+                    text(
+                        "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint"
+                        " WHERE conrelid = 'device_credentials'::regclass"
+                    )
+                ).all()
+            )
+        assert constraints == {
+            "pk_device_credentials": "PRIMARY KEY (p_uid)",
+            "uq_device_credentials_username": "UNIQUE (username)",
+            "fk_device_credentials_p_uid_physical_devices": (
+                "FOREIGN KEY (p_uid) REFERENCES physical_devices(uid) ON DELETE CASCADE"
+            ),
+        }

@@ -240,6 +240,32 @@ def test_concurrent_duplicate_tokens_one_wins_the_other_conflicts(make_store: Ma
     assert [d.token for d in a.list_physical()] == ["same"]
 
 
+def test_concurrent_credentials_with_one_username_one_wins_the_other_conflicts(make_store: MakeStore) -> None:
+    a, b = make_store(), make_store()
+    devices = {"a": _physical(a, "a"), "b": _physical(a, "b")}
+    barrier = threading.Barrier(2)
+    threads = Threads()
+    for name, s in (("a", a), ("b", b)):
+        threads.start(name, lambda s=s, name=name: (barrier.wait(), s.set_credentials(devices[name], "same", "pw"))[1])
+    results = threads.join()
+    assert sorted(type(r).__name__ for r in results.values()) == ["Conflict", "PhysicalDevice"]
+    assert [d.username for d in a.list_physical()].count("same") == 1
+
+
+def test_concurrent_credentials_of_one_device_leave_one(make_store: MakeStore) -> None:
+    stores = [make_store() for _ in range(4)]
+    uid = _physical(stores[0], "d")
+    barrier = threading.Barrier(len(stores))
+    threads = Threads()
+    for i, s in enumerate(stores):
+        threads.start(f"s{i}", lambda s=s, i=i: (barrier.wait(), s.set_credentials(uid, f"user{i}", "pw"))[1])
+    results = threads.join()
+    assert [r for r in results.values() if isinstance(r, Exception)] == []
+    refs = stores[0].credential_refs()
+    assert len(refs) == 1
+    assert stores[0].get_physical(uid).username == refs[0][0]
+
+
 # ------------------------------------------------------------------ time zones
 
 
@@ -299,6 +325,7 @@ def test_nul_in_stored_text_is_an_invalid_request(
         lambda s: s.physical_by_token("t\x00"),
         lambda s: s.find_physical("http\x00", {}),
         lambda s: s.get_user("alice\x00"),
+        lambda s: s.physical_by_username("user\x00"),
     ],
 )
 def test_nul_in_a_lookup_is_an_invalid_request(

@@ -28,6 +28,8 @@ from isthmus.errors import (
     ConfigError,
     Conflict,
     DecodeError,
+    DeviceTimeout,
+    DeviceUnreachable,
     Forbidden,
     InvalidRequest,
     IsthmusError,
@@ -54,6 +56,8 @@ if TYPE_CHECKING:
 # Most specific class first wins (walk of the MRO). Storage failures are 503: retry later.
 _STATUS: dict[type[IsthmusError], int] = {
     Forbidden: 403,
+    DeviceUnreachable: 409,
+    DeviceTimeout: 504,
     AuthError: 401,
     NotFound: 404,
     Conflict: 409,
@@ -88,6 +92,24 @@ class TokenOut(_Out):
     token: str | None = Field(description="An API token for the Authorization: Bearer header.")
 
 
+class RpcRequest(_Out):
+    method: str = Field(min_length=1, max_length=200, description="The method the device should run.")
+    params: Any = Field(default_factory=dict, description="Its parameters (any JSON value).")
+    timeout: float = Field(10.0, gt=0, le=300, description="Seconds to wait for the device's response.")
+    oneway: bool = Field(False, description="Do not wait for a response (202-like: `response` is null).")
+
+
+class RpcResponse(_Out):
+    response: Any = Field(description="The device's response: its JSON value, or its text if not JSON.")
+
+
+class DeviceStateOut(_Out):
+    online: bool = Field(description="Connected now through at least one source session.")
+    since: datetime | None = Field(description="When it last came online or went offline (null: not since start).")
+    links: int = Field(description="Live sessions (connected or persistent) that can reach the device.")
+    last_seen: datetime | None = Field(description="When the device last sent anything.")
+
+
 class NewUserIn(_Out):
     username: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9._@-]+$")
     password: str = Field(min_length=8, max_length=1000)
@@ -102,6 +124,14 @@ class NewUserOut(_Out):
 
 class PasswordIn(_Out):
     password: str = Field(min_length=8, max_length=1000)
+
+
+class CredentialsIn(_Out):
+    username: str = Field(
+        description="1 to 200 characters, without control characters or surrounding whitespace; "
+        "unique across devices (409 when another device has it)."
+    )
+    password: str = Field(description="1 to 1000 characters. Stored only as an argon2id hash, never returned.")
 
 
 class TokenActionIn(_Out):
@@ -348,11 +378,59 @@ def management_app(rt: Runtime) -> FastAPI:
         "/mgmt/physical/{uid}/attributes",
         tags=["physical devices"],
         summary="Set shared attributes (merged into the existing ones)",
+        description="The changed attributes are pushed at once to the device's sessions that subscribed to "
+        "attribute updates (MQTT `v1/devices/me/attributes`, or `v1/gateway/attributes` through a gateway), "
+        "and queued for persistent sessions while the device is offline.",
     )
     async def set_attributes(_: Writer, uid: int, body: dict[str, Any]) -> dict[str, Any]:
         await rt.in_thread(store.get_physical, uid)
         await rt.attributes.set_shared(uid, body)
+        rt.downlink.push_attributes(uid, body)
         return await rt.attributes.get(uid, "shared", None)
+
+    @app.post(
+        "/mgmt/physical/{uid}/rpc",
+        tags=["physical devices"],
+        summary="Call a method on the device (server-side RPC)",
+        description="Sent to the device's connected session subscribed to RPC requests (MQTT "
+        "`v1/devices/me/rpc/request/+`, or `v1/gateway/rpc` through a gateway), else queued in its persistent "
+        "session. Two-way calls wait up to `timeout` seconds for the device's response: 409 when no session "
+        "takes the request, 504 when the device does not answer in time.",
+        responses={409: {"description": "device not reachable"}, 504: {"description": "no response in time"}},
+    )
+    async def call_device(_: Writer, uid: int, body: RpcRequest) -> RpcResponse:
+        await rt.in_thread(store.get_physical, uid)
+        response = await rt.downlink.rpc(uid, body.method, body.params, within=body.timeout, oneway=body.oneway)
+        return RpcResponse(response=response)
+
+    @app.get("/mgmt/physical/{uid}/state", tags=["physical devices"], summary="Online state and last_seen")
+    async def device_state(_: Reader, uid: int) -> DeviceStateOut:
+        device = await rt.in_thread(store.get_physical, uid)
+        state = rt.downlink.state(uid)
+        times = [t for t in (device.last_seen, rt.cache.unflushed_seen(uid)) if t is not None]
+        last_seen = max(times, default=None)
+        return DeviceStateOut(online=state.online, since=state.since, links=state.links, last_seen=last_seen)
+
+    @app.put(
+        "/mgmt/physical/{uid}/credentials",
+        tags=["physical devices"],
+        summary="Set the device's username + password credential (MQTT), replacing any it had",
+        description="ThingsBoard's MQTT Basic credentials without the client id: the device connects with this "
+        "user name and password. Answers the device, which shows the `username`; the password is never shown. "
+        "400 for an empty or over-long username or password, 409 when another device has the username.",
+        responses={409: {"description": "username in use by another device"}},
+    )
+    def set_credentials(_: Writer, uid: int, body: CredentialsIn) -> PhysicalDevice:
+        return store.set_credentials(uid, body.username, body.password)
+
+    @app.delete(
+        "/mgmt/physical/{uid}/credentials",
+        tags=["physical devices"],
+        summary="Remove the device's username + password credential (its access token keeps working)",
+        responses={404: {"description": "no such device, or it has no username + password credential"}},
+    )
+    def remove_credentials(_: Writer, uid: int) -> PhysicalDevice:
+        return store.remove_credentials(uid)
 
     # --------------------------------------------------------------- logical devices
 

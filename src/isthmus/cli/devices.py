@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated, Any
 
 import typer
 
 from isthmus.cli.client import ApiClient
-from isthmus.cli.output import print_json, read_json_object, without_properties
+from isthmus.cli.errors import CliUsageError
+from isthmus.cli.output import exactly_one, print_json, read_json_object, without_properties
 from isthmus.cli.session import session
 
 pd_app = typer.Typer(
@@ -57,6 +59,30 @@ JsonFile = Annotated[
         help="Read the JSON object from a file; '-' reads standard input.",
         show_default=False,
     ),
+]
+Username = Annotated[
+    str | None,
+    typer.Option(
+        "--username",
+        "-u",
+        metavar="USERNAME",
+        help="Set the credential with this username (1 to 200 characters, unique across devices).",
+        show_default=False,
+    ),
+]
+DevicePassword = Annotated[
+    str | None,
+    typer.Option(
+        "--password",
+        "-p",
+        metavar="PASSWORD",
+        help="The password. Left out: asked for (hidden, twice) on a terminal, else the first line of "
+        "standard input — better than this option, which other users of the machine can see.",
+        show_default=False,
+    ),
+]
+Remove = Annotated[
+    bool, typer.Option("--remove", help="Remove the device's username and password (its token keeps working).")
 ]
 
 
@@ -110,6 +136,32 @@ def pd_rm(ctx: typer.Context, puid: PUid) -> None:
     """Delete the physical device PUID and print it as it was."""
     with session(ctx).client() as api:
         print_json(api.delete(f"/mgmt/physical/{puid}"))
+
+
+@pd_app.command("credentials")
+def pd_credentials(
+    ctx: typer.Context,
+    puid: PUid,
+    username: Username = None,
+    password: DevicePassword = None,
+    remove: Remove = False,
+) -> None:
+    """Set the username and password the device PUID connects with over MQTT, or --remove them.
+
+    Replaces any username and password the device had. Prints the device, never the password.
+
+    Example: isthmus pd credentials --puid 1 --username tank-7   (asks for the password)
+    """
+    action = exactly_one(ctx, {"--username": username, "--remove": remove})
+    if action == "--remove" and password is not None:
+        raise CliUsageError("--password cannot be combined with --remove", ctx)
+    with session(ctx).client() as api:
+        if action == "--remove":
+            device = api.delete(f"/mgmt/physical/{puid}/credentials")
+        else:
+            secret = password if password is not None else _read_password(ctx)
+            device = api.put(f"/mgmt/physical/{puid}/credentials", {"username": username, "password": secret})
+    print_json(without_properties(device, False))
 
 
 def _list_physical(ctx: typer.Context, *, source: str | None, properties: bool, plain: bool, unmapped: bool) -> None:
@@ -199,6 +251,20 @@ def ld_rm(ctx: typer.Context, luid: LUid) -> None:
 
 
 # --- helpers ----------------------------------------------------------------------------------
+
+
+def _stdin_is_terminal() -> bool:
+    return sys.stdin.isatty()
+
+
+def _read_password(ctx: typer.Context) -> str:
+    """A password from a hidden, confirmed prompt on a terminal, else the first line of stdin."""
+    if _stdin_is_terminal():
+        return str(typer.prompt("Password", hide_input=True, confirmation_prompt=True))
+    password = typer.get_text_stream("stdin").readline().removesuffix("\n").removesuffix("\r")
+    if not password:
+        raise CliUsageError("no password: give --password, or one line on standard input", ctx)
+    return password
 
 
 def _as_list(data: Any) -> list[dict[str, Any]]:

@@ -4,8 +4,10 @@ Reproduces IoTa's device model. A *physical device* is a device in the field; it
 with its access token and may carry source-specific ids. A *logical device* is where time series
 end up (a tank, a weather station). A *mapping* says which logical device a physical device fed
 from ``start_time`` until ``end_time``; replacing a device in the field means starting a new
-mapping, so the logical device's series continues. Users and their API tokens guard the
-management API.
+mapping, so the logical device's series continues. A physical device may also have one
+username + password credential (MQTT; argon2id-hashed, checked by
+:meth:`DeviceCache.by_password <isthmus.registry.cache.DeviceCache.by_password>`). Users and their
+API tokens guard the management API.
 
 * :mod:`~isthmus.registry.models` — pydantic models (the management API's schemas);
 * :mod:`~isthmus.registry.schema` — SQLAlchemy tables, the single source of truth for the schema;

@@ -26,6 +26,8 @@ from pydantic import (
 )
 
 __all__ = [
+    "DEVICE_PASSWORD_MAX",
+    "DEVICE_USERNAME_MAX",
     "TOKEN_PATTERN",
     "Location",
     "LogicalDevice",
@@ -40,6 +42,12 @@ __all__ = [
 
 TOKEN_PATTERN = r"^[A-Za-z0-9._~-]{1,64}$"  # noqa: S105 - a regex, not a secret
 """A device token: URL-path and MQTT-username safe (RFC 3986 unreserved characters)."""
+
+DEVICE_USERNAME_MAX = 200
+"""Longest username of a device's username + password credential, in characters."""
+
+DEVICE_PASSWORD_MAX = 1000
+"""Longest password of a device's username + password credential, in characters."""
 
 
 def _as_utc(value: datetime) -> datetime:
@@ -80,6 +88,10 @@ _D_ACCESS = (
 )
 _D_ENABLED = "Disabled devices are refused by every source."
 _D_DECODER = "Name of the decoder for this device's payloads; null for the source default."
+_D_USERNAME = (
+    "Username of the device's username + password credential (MQTT), or null if it has none. "
+    "Set with PUT /mgmt/physical/{uid}/credentials; the password is never shown."
+)
 _D_CREATED = "When the object was created (UTC)."
 
 
@@ -108,6 +120,7 @@ class PhysicalDevice(BaseModel):
     enabled: bool = Field(description=_D_ENABLED)
     decoder: str | None = Field(description=_D_DECODER)
     created_at: UTCDatetime = Field(description=_D_CREATED)
+    username: str | None = Field(default=None, description=_D_USERNAME)
 
 
 class PhysicalDeviceCreate(BaseModel):

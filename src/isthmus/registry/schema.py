@@ -8,7 +8,8 @@ migration.
 Portability rules (the same DDL must run on SQLite and PostgreSQL):
 
 * integer primary keys autoincrement on both (``SERIAL`` on PostgreSQL, ``INTEGER PRIMARY
-  KEY AUTOINCREMENT`` on SQLite, so a deleted device's uid is never handed out again);
+  KEY AUTOINCREMENT`` on SQLite, so a deleted device's uid is never handed out again), except
+  where the key is another table's (``device_credentials.p_uid``: ``autoincrement=False``);
 * timestamps are :class:`UTCDateTime`: aware UTC in, aware UTC out;
 * free-form data (``source_ids``, ``properties``) uses :class:`sqlalchemy.JSON`, which is never
   compared in SQL; ``source_key`` holds the canonical text of ``source_ids`` for exact lookups;
@@ -43,6 +44,7 @@ __all__ = [
     "NAMING_CONVENTION",
     "UTCDateTime",
     "api_tokens",
+    "device_credentials",
     "logical_devices",
     "mappings",
     "metadata",
@@ -222,3 +224,22 @@ api_tokens = Table(
     sqlite_autoincrement=True,
 )
 """Bearer tokens of users, stored only as the SHA-256 hex digest of the token."""
+
+device_credentials = Table(
+    "device_credentials",
+    metadata,
+    Column(
+        "p_uid",
+        Integer,
+        ForeignKey("physical_devices.uid", ondelete="CASCADE"),
+        primary_key=True,
+        autoincrement=False,
+    ),
+    Column("username", String(200), nullable=False, unique=True),
+    Column("password_hash", String(255), nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+)
+"""Username + password credentials of physical devices (ThingsBoard's "MQTT Basic", without the
+client id): at most one per device (the primary key is the device's uid), usernames unique across
+devices, deleted with the device. ``password_hash`` is an argon2id PHC string; ``updated_at`` is
+when the credential was last set."""

@@ -102,7 +102,7 @@ class DownlinkHub:
 
     # ------------------------------------------------------------------ RPC
 
-    async def rpc(self, p_uid: int, method: str, params: Any, *, timeout: float, oneway: bool = False) -> Any:
+    async def rpc(self, p_uid: int, method: str, params: Any, *, within: float, oneway: bool = False) -> Any:
         request_id = next(self._ids) & 0x7FFFFFFF
         key = (p_uid, request_id)
         future: asyncio.Future[Any] | None = None
@@ -122,10 +122,10 @@ class DownlinkHub:
                 self._rpc.labels("oneway").inc()
                 return None
             try:
-                result = await asyncio.wait_for(future, timeout)
+                result = await asyncio.wait_for(future, within)
             except TimeoutError:
                 self._rpc.labels("timeout").inc()
-                raise DeviceTimeout(f"device {p_uid} did not answer RPC {method!r} within {timeout:g} s") from None
+                raise DeviceTimeout(f"device {p_uid} did not answer RPC {method!r} within {within:g} s") from None
             self._rpc.labels("answered").inc()
             return result
         finally:

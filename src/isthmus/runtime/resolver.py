@@ -24,7 +24,14 @@ def _key(source_name: str, source_ids: dict[str, str | int]) -> _Key:
 
 
 def _ref(device: PhysicalDevice) -> DeviceRef:
-    return DeviceRef(device.uid, device.name, device.source_name, device.decoder, quarantined=not device.enabled)
+    return DeviceRef(
+        device.uid,
+        device.name,
+        device.source_name,
+        device.decoder,
+        quarantined=not device.enabled,
+        gateway=device.properties.get("gateway") is True,
+    )
 
 
 class RegistryResolver:

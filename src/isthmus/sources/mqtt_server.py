@@ -1,8 +1,11 @@
 """The device-facing MQTT server (source type ``mqtt``): MQTT 3.1.1 and 5.0 over TCP and TLS.
 
 A purpose-built server for devices, not a general broker: devices publish, the server journals
-and acknowledges; nothing is routed back to subscribers. See ``docs/mqtt-server.md`` for the
-operator's view (options, authentication, topics, reason codes, what is not supported yet).
+and acknowledges; nothing is routed from one client to another. What the server sends devices
+(shared-attribute updates, RPC requests, answers to their requests) comes from the instance's
+:class:`~isthmus.interfaces.Downlink` through each client's :class:`~isthmus.sources.mqtt_session.Session`.
+See ``docs/mqtt-server.md`` for the operator's view (options, authentication, topics, sessions,
+the gateway API, reason codes, what is not supported yet).
 
 Design, in the order a packet meets it:
 
@@ -48,10 +51,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal, cast
 
+import msgspec
 from prometheus_client import Counter, Gauge
 from pydantic import Field, model_validator
 
-from isthmus.errors import ConfigError, JournalError, RegistryError
+from isthmus.errors import ConfigError, IsthmusError, JournalError, RegistryError
 from isthmus.interfaces import DeviceRef, Ingest
 from isthmus.message import Kind, RawFrame, Status, new_correlation_id, utcnow
 from isthmus.plugins import PluginConfig, SourceContext, SourcePlugin
@@ -63,6 +67,7 @@ from isthmus.sources.mqtt_codec import (
     Packet,
     Pingreq,
     ProtocolError,
+    Puback,
     Publish,
     Pubrel,
     Subscribe,
@@ -73,10 +78,18 @@ from isthmus.sources.mqtt_codec import (
     encode_pingresp,
     encode_puback,
     encode_pubcomp,
+    encode_publish,
     encode_pubrec,
     encode_suback,
     encode_unsuback,
     is_valid_topic_filter,
+)
+from isthmus.sources.mqtt_session import (
+    ATTRIBUTE_RESPONSE_PREFIX,
+    GATEWAY_ATTRIBUTE_RESPONSE_TOPIC,
+    RPC_REQUEST_PREFIX,
+    RPC_RESPONSE_PREFIX,
+    Session,
 )
 
 __all__ = ["PLUGIN", "MqttServer", "MqttServerOptions", "RateOptions", "TopicPattern"]
@@ -109,6 +122,20 @@ THINGSBOARD_TOPICS: Final[Mapping[str, Kind]] = {
     "v2/a": "attributes",
 }
 """The ThingsBoard device-API topics a token or certificate device may publish to."""
+
+GATEWAY_TOPICS: Final[Mapping[str, Kind]] = {
+    "v1/gateway/telemetry": "telemetry",
+    "v1/gateway/attributes": "attributes",
+}
+"""The ThingsBoard gateway-API topics that carry data of many devices (gateway devices only)."""
+
+ATTRIBUTE_REQUEST_PREFIX: Final = "v1/devices/me/attributes/request/"
+GATEWAY_CONNECT_TOPIC: Final = "v1/gateway/connect"
+GATEWAY_DISCONNECT_TOPIC: Final = "v1/gateway/disconnect"
+GATEWAY_RPC_TOPIC: Final = "v1/gateway/rpc"
+GATEWAY_ATTRIBUTE_REQUEST_TOPIC: Final = "v1/gateway/attributes/request"
+_json_decode = msgspec.json.decode
+_json_encode = msgspec.json.Encoder().encode
 
 _REASON_NAMES: Final[Mapping[int, str]] = {
     0x81: "malformed_packet",
@@ -225,6 +252,25 @@ class MqttServerOptions(PluginConfig):
         description="Seconds a new connection has to complete its TLS handshake and its CONNECT, "
         "authentication included.",
     )
+    session_expiry: int = Field(
+        86400,
+        ge=0,
+        description="Longest time, in seconds, a persistent session (MQTT 3.1.1 Clean Session 0, MQTT 5 Session "
+        "Expiry Interval) outlives its connection, keeping subscriptions and queued QoS 1 messages. MQTT 3.1.1 "
+        "sessions get exactly this; MQTT 5 clients get what they ask for, at most this. 0: no persistent sessions.",
+    )
+    max_queued: int = Field(
+        100,
+        ge=1,
+        description="Most messages (attribute updates, RPC requests) queued per session for a client that is "
+        "disconnected or has its receive window full; beyond it, RPC calls are refused as unreachable.",
+    )
+    gateway_policy: Literal["accept", "quarantine", "reject"] = Field(
+        "accept",
+        description="Devices a ThingsBoard gateway announces that are not registered yet: `accept` creates an "
+        "enabled device, `quarantine` a disabled one whose frames are kept but not delivered, `reject` drops "
+        "their messages.",
+    )
     allow_anonymous: bool = Field(
         False,
         description="Accept connections without a user name; they may publish only to `topics` patterns "
@@ -234,9 +280,16 @@ class MqttServerOptions(PluginConfig):
         default_factory=list,
         description="Generic topic patterns for anonymous connections, tried in order; the first match wins.",
     )
+    websocket_path: str | None = Field(
+        "/mqtt",
+        description="Path on the HTTP port where MQTT over WebSocket is served (subprotocol `mqtt`); "
+        'null disables it. Must start with "/".',
+    )
 
     @model_validator(mode="after")
     def _check(self) -> MqttServerOptions:
+        if self.websocket_path is not None and not self.websocket_path.startswith("/"):
+            raise ValueError('websocket_path must start with "/"')
         if self.port is None and self.tls_port is None:
             raise ValueError("no listener: set port, tls_port or both")
         if self.tls_port is not None and (self.cert_file is None or self.key_file is None):
@@ -311,6 +364,8 @@ class _Route:
     source_ids: dict[str, str | int] | None = None
     decoder: str | None = None
     policy: str = "reject"
+    gateway: bool = False
+    """The payload carries data of many devices, by name (ThingsBoard gateway API)."""
 
 
 # --------------------------------------------------------------------------- metrics
@@ -358,6 +413,16 @@ class _Metrics:
                 registry=registry,
             ),
         )
+        requests = _collector(
+            ctx,
+            "isthmus_mqtt_requests",
+            lambda: Counter(
+                "isthmus_mqtt_requests",
+                "Device requests that are not data, by kind (attributes, rpc_response, client_rpc, gateway_connect …).",
+                ["source", "kind"],
+                registry=registry,
+            ),
+        )
         rejected = _collector(
             ctx,
             "isthmus_mqtt_publishes_rejected",
@@ -374,6 +439,11 @@ class _Metrics:
         self._errors = errors
         self._disconnects = disconnects
         self._rejected = rejected
+        self._requests = requests
+
+    def request(self, kind: str) -> None:
+        """Count one device request (attribute request, RPC response …)."""
+        self._requests.labels(self.source, kind).inc()
 
     def connect(self, result: str) -> None:
         """Count one CONNECT attempt."""
@@ -435,12 +505,40 @@ class MqttServer:
         self.sessions = 0
         # Connected clients by (device uid or None when anonymous, client id), for session takeover.
         self.clients: dict[tuple[int | None, str], _Connection] = {}
+        self.session_state: dict[tuple[int | None, str], Session] = {}
+        """Sessions by client key: connected ones, and persistent ones waiting for their client."""
         self.tasks: set[asyncio.Task[None]] = set()
         self.ingest: Ingest | None = None
         self.stopping = False
         self.wakeup: asyncio.Event | None = None
         self.bound: dict[str, int] = {}
         """The ports actually listened on while running: ``{"tcp": 1883, "tls": 8883}``."""
+        path = options.websocket_path
+        if path is not None:  # MQTT over WebSocket on the HTTP port
+            from isthmus.sources.mqtt_websocket import MqttWebSocketApp
+
+            if path not in ctx.websockets:
+                ctx.websockets[path] = MqttWebSocketApp(self)
+            elif "websocket_path" in options.model_fields_set:
+                raise ConfigError(
+                    f"source {self.name!r}: websocket_path {path!r} is already served by another source; "
+                    "set a different one, or null"
+                )
+            else:  # several mqtt sources on their defaults: the first one serves /mqtt
+                log.warning("mqtt source %s: %s is served by another source; set websocket_path", self.name, path)
+
+    def accept_transport(self, transport: asyncio.Transport) -> _Connection | None:
+        """Serve MQTT on a transport the listeners did not make (MQTT over WebSocket).
+
+        Returns the new connection protocol, already told ``connection_made`` as a listener's
+        would be, or ``None`` while the server is not running (before :meth:`run`, while stopping).
+        """
+        ingest = self.ingest
+        if ingest is None or self.stopping:
+            return None
+        protocol = _Connection(self, asyncio.get_running_loop(), ingest)
+        protocol.connection_made(transport)
+        return protocol
 
     async def run(self, ingest: Ingest) -> None:
         """Listen on the configured ports until cancelled; then close every connection and return.
@@ -452,6 +550,7 @@ class MqttServer:
         self.ingest = ingest
         self.stopping = False
         self.connections, self.clients, self.sessions = set(), {}, 0
+        self.session_state = {}
         self.metrics.connections.set(0)
         servers: list[asyncio.Server] = []
         try:
@@ -495,6 +594,8 @@ class MqttServer:
         for conn in list(self.connections):
             conn.abort()
         await self._wait_for(lambda: not self.connections, 1.0)
+        for session in list(self.session_state.values()):
+            self.end_session(session)
         self.bound = {}
         tasks = list(self.tasks)
         for task in tasks:
@@ -537,6 +638,114 @@ class MqttServer:
         if not task.cancelled() and task.exception() is not None:
             log.error("mqtt source %s: task failed", self.name, exc_info=task.exception())
 
+    # ------------------------------------------------------------------ sessions and device requests
+
+    def end_session(self, session: Session) -> None:
+        """Forget ``session``: its devices are no longer reachable through it."""
+        if self.session_state.get(session.key) is session:
+            del self.session_state[session.key]
+        session.cancel_expiry()
+        session.writer = None
+        session.detach_all()
+
+    async def answer_attributes(self, session: Session, device: DeviceRef, request_id: str, payload: bytes) -> None:
+        """Answer ``v1/devices/me/attributes/request/{id}`` on ``.../response/{id}``.
+
+        The request names comma-separated ``clientKeys`` and/or ``sharedKeys`` (strings or lists);
+        the response holds the scopes asked for, all attributes of both when it names none.
+        """
+        try:
+            request = _json_decode(payload) if payload.strip() else {}
+            if not isinstance(request, dict):
+                raise ValueError("expected a JSON object with clientKeys and/or sharedKeys")
+            wanted = {scope: _keys(request.get(f"{scope}Keys")) for scope in ("client", "shared")}
+            if all(keys is None for keys in wanted.values()):
+                wanted = {"client": None, "shared": None}
+                scopes = ["client", "shared"]
+            else:
+                scopes = [scope for scope, keys in wanted.items() if keys is not None]
+            body: dict[str, Any] = {}
+            for scope in scopes:
+                body[scope] = await self.ctx.attributes.get(device.p_uid, scope, wanted[scope])
+        except (ValueError, msgspec.DecodeError) as exc:
+            body = {"error": f"bad attribute request: {exc}"}
+        except IsthmusError as exc:  # the attribute store is unavailable: say so, keep the connection
+            log.warning("mqtt source %s: attribute request failed: %s", self.name, exc)
+            body = {"error": "attributes unavailable, try again later"}
+        session.publish(f"{ATTRIBUTE_RESPONSE_PREFIX}{request_id}", _json_encode(body))
+
+    async def answer_client_rpc(self, session: Session, p_uid: int, request_id: str, payload: bytes) -> None:
+        """Answer a client-side RPC (``v1/devices/me/rpc/request/{id}``) on ``.../rpc/response/{id}``."""
+        try:
+            request = _json_decode(payload)
+            if not isinstance(request, dict) or not isinstance(request.get("method"), str):
+                raise ValueError("expected a JSON object with a string method")
+            if request["method"] == "getSessionLimits":
+                result = self.session_limits()
+            else:
+                result = await self.ctx.downlink.client_rpc(p_uid, request["method"], request.get("params"))
+        except (ValueError, msgspec.DecodeError) as exc:
+            result = {"error": f"bad RPC request: {exc}"}
+        session.publish(f"{RPC_RESPONSE_PREFIX}{request_id}", _json_encode(result))
+
+    def session_limits(self) -> dict[str, Any]:
+        """This server's limits in the shape ThingsBoard device SDKs ask for (``getSessionLimits``),
+        so they pace themselves instead of being disconnected for going too fast."""
+        per_second = f"{max(1, int(self.rate))}:1,"
+        return {
+            "maxPayloadSize": self.options.max_packet_size,
+            "maxInflightMessages": self.max_inflight,
+            "rateLimits": {"messages": per_second, "telemetryMessages": per_second, "telemetryDataPoints": "0:0,"},
+        }
+
+    async def gateway_child(self, session: Session, name: object) -> DeviceRef | None:
+        """The device a gateway names (created by ``gateway_policy``), now reachable through it."""
+        if not isinstance(name, str) or not name or len(name) > 200:
+            return None
+        device = await self.ctx.resolver.resolve(self.name, {"device": name}, self.options.gateway_policy)
+        if device is not None and session.children.get(device.p_uid) != name:
+            session.children[device.p_uid] = name
+            self.ctx.downlink.attach(device.p_uid, session)
+        return device
+
+    async def gateway_control(self, session: Session, topic: str, payload: bytes) -> None:
+        """Handle a gateway's connect, disconnect, RPC response or attribute request."""
+        try:
+            request = _json_decode(payload)
+            if not isinstance(request, dict):
+                raise ValueError("expected a JSON object")
+            name = request.get("device")
+            if topic == GATEWAY_DISCONNECT_TOPIC:
+                for uid, child in list(session.children.items()):
+                    if child == name:
+                        del session.children[uid]
+                        self.ctx.downlink.detach(uid, session)
+                return
+            device = await self.gateway_child(session, name)
+            if device is None:
+                raise ValueError(f"unknown or refused device {name!r}")
+            if topic == GATEWAY_RPC_TOPIC:
+                request_id = request.get("id")
+                if isinstance(request_id, int):
+                    self.ctx.downlink.rpc_response(device.p_uid, request_id, request.get("data"))
+            elif topic == GATEWAY_ATTRIBUTE_REQUEST_TOPIC:
+                await self._answer_gateway_attributes(session, device, name, request)
+        except (ValueError, msgspec.DecodeError, RegistryError) as exc:
+            log.info("mqtt source %s: gateway request on %s ignored: %s", self.name, topic, exc)
+            self.metrics.rejected("bad_gateway_request")
+
+    async def _answer_gateway_attributes(
+        self, session: Session, device: DeviceRef, name: object, request: dict[str, Any]
+    ) -> None:
+        scope = "client" if request.get("client") is True else "shared"
+        body: dict[str, Any] = {"id": request.get("id"), "device": name}
+        if isinstance(request.get("key"), str):
+            values = await self.ctx.attributes.get(device.p_uid, scope, [request["key"]])
+            body["value"] = values.get(request["key"])
+        else:
+            body["values"] = await self.ctx.attributes.get(device.p_uid, scope, _keys(request.get("keys")))
+        session.publish(GATEWAY_ATTRIBUTE_RESPONSE_TOPIC, _json_encode(body))
+
     def route(self, topic: str, device: DeviceRef | None) -> _Route | None:
         """Where a PUBLISH on ``topic`` goes for a connection authenticated as ``device``.
 
@@ -545,26 +754,39 @@ class MqttServer:
         """
         if device is not None:
             kind = THINGSBOARD_TOPICS.get(topic)
-            return None if kind is None else _Route(kind, device)
+            if kind is not None:
+                return _Route(kind, device)
+            kind = GATEWAY_TOPICS.get(topic) if device.gateway else None
+            return None if kind is None else _Route(kind, device, policy=self.options.gateway_policy, gateway=True)
         for pattern in self.patterns:
             ids = pattern.match(topic)
             if ids is not None:
                 return _Route(pattern.kind, None, ids, pattern.decoder, pattern.policy)
         return None
 
-    def frame(self, publish: Publish | Will, kind: Kind, *, will: bool = False) -> RawFrame:
-        """The raw frame of a PUBLISH (or a will message)."""
+    def frame(
+        self,
+        publish: Publish | Will,
+        kind: Kind,
+        *,
+        will: bool = False,
+        gateway: str | None = None,
+        payload: bytes | None = None,
+    ) -> RawFrame:
+        """The raw frame of a PUBLISH (or a will message; or one device's ``payload`` of a gateway's)."""
         meta: dict[str, Any] = {"topic": publish.topic, "qos": publish.qos}
         if publish.retain:
             meta["retain"] = True
         if will:
             meta["will"] = True
+        if gateway is not None:
+            meta["gateway"] = gateway
         content_type = publish.properties.get("content_type", "") if publish.properties else ""
         return RawFrame(
             correlation_id=new_correlation_id(),
             received_at=utcnow(),
             source=self.name,
-            payload=publish.payload,
+            payload=publish.payload if payload is None else payload,
             kind=kind,
             content_type=content_type if isinstance(content_type, str) else "",
             meta=meta,
@@ -587,6 +809,25 @@ class MqttServer:
             await ingest.submit(self.frame(will, route.kind, will=True), target, decoder=route.decoder)
         except (JournalError, RegistryError) as exc:
             log.warning("mqtt source %s: could not journal a will message: %s", self.name, exc)
+
+
+def _keys(value: object) -> list[str] | None:
+    """Attribute keys of a request: a comma-separated string or a list of strings; ``None``: absent."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [key.strip() for key in value.split(",") if key.strip()]
+    if isinstance(value, list) and all(isinstance(key, str) for key in value):
+        return list(value)
+    raise ValueError("keys must be a comma-separated string or a list of strings")
+
+
+def _json_or_text(payload: bytes) -> Any:
+    """A device's RPC response: its JSON value, else its text."""
+    try:
+        return _json_decode(payload)
+    except msgspec.DecodeError:
+        return payload.decode("utf-8", "replace")
 
 
 def _ssl_context(options: MqttServerOptions) -> ssl.SSLContext:
@@ -654,6 +895,7 @@ class _Connection(asyncio.Protocol):
         "_reason",
         "_refill_at",
         "_server",
+        "_session",
         "_timer",
         "_tokens",
         "_transport",
@@ -692,6 +934,7 @@ class _Connection(asyncio.Protocol):
         self._max_out = 0
         self._reason = "connection_lost"
         self._key: tuple[int | None, str] | None = None
+        self._session: Session | None = None
 
     # ------------------------------------------------------------------ asyncio callbacks
 
@@ -761,6 +1004,14 @@ class _Connection(asyncio.Protocol):
             server.metrics.connections.dec()
             if self._key is not None and server.clients.get(self._key) is self:
                 del server.clients[self._key]
+        session, self._session = self._session, None
+        if session is not None and session.writer is self:
+            session.suspend()
+            if session.expiry > 0 and not server.stopping:
+                session.state_changed()
+                session.expire_later(self._loop, server.end_session)
+            else:
+                server.end_session(session)
         self._transport = None
         server.poke()
 
@@ -812,17 +1063,19 @@ class _Connection(asyncio.Protocol):
                 if self._backlog is not None:  # authentication continues asynchronously
                     self._backlog.extend(packets[i + 1 :])
                     return
+            elif isinstance(packet, Puback):
+                if self._session is not None:
+                    self._session.acked(packet.packet_id)
             elif isinstance(packet, Subscribe):
                 self._on_subscribe(packet)
             elif isinstance(packet, Unsubscribe):
-                codes = [RC_SUCCESS] * len(packet.topic_filters)
-                self._write(encode_unsuback(packet.packet_id, codes, self._version))
+                self._on_unsubscribe(packet)
             elif isinstance(packet, Disconnect):
                 # 0x04 "disconnect with will message"; anything else discards the will.
                 self._close(None, "client", will=packet.reason_code == 0x04)
             elif isinstance(packet, Auth):  # pragma: no cover - refused at CONNECT, the codec rejects AUTH
                 self._close(RC_BAD_AUTH_METHOD, "protocol_error", will=True)
-            # PUBACK / PUBREC / PUBCOMP from a client answer nothing we sent: ignored.
+            # PUBREC / PUBCOMP from a client answer nothing we sent (we publish at QoS 0 or 1): ignored.
         self._update_reading()
 
     def _on_connect(self, connect: Connect) -> None:
@@ -836,9 +1089,7 @@ class _Connection(asyncio.Protocol):
             return
         fingerprint = self._peer_fingerprint()
         if fingerprint is not None:
-            self._backlog = []
-            self._update_reading()
-            server.spawn(self._authenticate_certificate(connect, fingerprint))
+            self._authenticate_later(connect, self._certificate_device(fingerprint))
             return
         if not connect.username:
             if server.anonymous:
@@ -847,10 +1098,17 @@ class _Connection(asyncio.Protocol):
                 self._refuse(RC_BAD_CREDENTIALS)
             return
         device = server.ctx.directory.by_token(connect.username)
-        if device is None:
-            self._refuse(RC_NOT_AUTHORIZED)
+        if device is not None:
+            self._accept(connect, device)  # an access token: any password is ignored (ThingsBoard)
+        elif connect.password:
+            try:
+                password = connect.password.decode("utf-8")
+            except UnicodeDecodeError:
+                self._refuse(RC_BAD_CREDENTIALS)
+                return
+            self._authenticate_later(connect, server.ctx.directory.by_password(connect.username, password))
         else:
-            self._accept(connect, device)
+            self._refuse(RC_NOT_AUTHORIZED)
 
     def _peer_fingerprint(self) -> str | None:
         if self._server.options.client_cert == "none" or self._transport is None:
@@ -861,10 +1119,25 @@ class _Connection(asyncio.Protocol):
         der = ssl_object.getpeercert(binary_form=True)
         return None if not der else hashlib.sha256(der).hexdigest()
 
-    async def _authenticate_certificate(self, connect: Connect, fingerprint: str) -> None:
+    async def _certificate_device(self, fingerprint: str) -> DeviceRef | None:
+        server = self._server
+        device = await server.ctx.resolver.resolve(server.name, {"cert_sha256": fingerprint}, "reject")
+        if device is None or device.quarantined:
+            log.info("mqtt source %s: refused unknown or disabled certificate sha256=%s", server.name, fingerprint)
+            return None
+        return device
+
+    def _authenticate_later(self, connect: Connect, lookup: Coroutine[Any, Any, DeviceRef | None]) -> None:
+        """Authenticate off the packet path (a registry lookup, a password check); packets that
+        arrive meanwhile wait in the backlog and reading pauses."""
+        self._backlog = []
+        self._update_reading()
+        self._server.spawn(self._finish_authentication(connect, lookup))
+
+    async def _finish_authentication(self, connect: Connect, lookup: Coroutine[Any, Any, DeviceRef | None]) -> None:
         server = self._server
         try:
-            device = await server.ctx.resolver.resolve(server.name, {"cert_sha256": fingerprint}, "reject")
+            device = await lookup
         except RegistryError as exc:
             log.warning("mqtt source %s: registry unavailable during CONNECT: %s", server.name, exc)
             device = None
@@ -874,8 +1147,7 @@ class _Connection(asyncio.Protocol):
         if self._closing:
             return
         backlog, self._backlog = self._backlog or [], None
-        if device is None or device.quarantined:
-            log.info("mqtt source %s: refused unknown or disabled certificate sha256=%s", server.name, fingerprint)
+        if device is None:
             self._refuse(code)
             return
         self._accept(connect, device)
@@ -905,6 +1177,7 @@ class _Connection(asyncio.Protocol):
         if connect.client_id:
             server.clients[key] = self
             self._key = key
+        session, present = self._take_session(connect, key, device)
         self._device = device
         self._will = connect.will
         self._connected = True
@@ -915,13 +1188,17 @@ class _Connection(asyncio.Protocol):
             server.ctx.directory.seen(device.p_uid, None, utcnow())
         if self._version == 5:
             props: dict[str, int | str] = dict(server.connack_properties)
-            if connect.session_expiry_interval:
-                props["session_expiry_interval"] = 0  # no session state is kept after the connection
+            if connect.session_expiry_interval != int(session.expiry):
+                props["session_expiry_interval"] = int(session.expiry)  # capped by `session_expiry`
             if not connect.client_id:
                 props["assigned_client_identifier"] = f"isthmus-{secrets.token_hex(8)}"
-            self._write(encode_connack(False, RC_SUCCESS, 5, props))
+            self._write(encode_connack(present, RC_SUCCESS, 5, props))
         else:
-            self._write(encode_connack(False, RC_SUCCESS, 4))
+            self._write(encode_connack(present, RC_SUCCESS, 4))
+        self._session = session
+        receive_maximum = connect.receive_maximum if self._version == 5 else 32
+        session.resume(self, receive_maximum)
+        session.attach_all()
         # Keep-alive: 1.5 x the client's interval after the last bytes received (0: none).
         if self._timer is not None:
             self._timer.cancel()
@@ -930,11 +1207,91 @@ class _Connection(asyncio.Protocol):
             self._grace = connect.keepalive * 1.5
             self._timer = self._loop.call_at(self._last_rx + self._grace, self._on_timer)
 
+    def _take_session(
+        self, connect: Connect, key: tuple[int | None, str], device: DeviceRef | None
+    ) -> tuple[Session, bool]:
+        """The session this connection continues (``True``: session present) or starts."""
+        server = self._server
+        limit = server.options.session_expiry
+        if connect.clean_start or not connect.client_id:
+            expiry = min(connect.session_expiry_interval, limit) if self._version == 5 and connect.client_id else 0
+        else:
+            expiry = min(connect.session_expiry_interval, limit) if self._version == 5 else limit
+        session = server.session_state.get(key) if connect.client_id else None
+        if session is not None and connect.clean_start:
+            server.end_session(session)
+            session = None
+        present = session is not None
+        if session is None:
+            session = Session(key, device, server.ctx.downlink, server.options.max_queued)
+            if connect.client_id:
+                server.session_state[key] = session
+        session.expiry = float(expiry)
+        return session, present
+
+    def send_publish(self, topic: str, payload: bytes, qos: int, packet_id: int, *, dup: bool) -> None:
+        """Write one PUBLISH to the client (a session's outbound message)."""
+        data = encode_publish(topic, payload, qos, packet_id, version=self._version, dup=dup)
+        if self._max_out and len(data) > self._max_out:
+            log.info("mqtt source %s: a %d-byte message on %s exceeds the client's maximum", self._server.name,
+                     len(data), topic)  # fmt: skip
+            if self._session is not None and qos:
+                self._session.acked(packet_id)
+            return
+        self._write(data)
+
     def _on_subscribe(self, subscribe: Subscribe) -> None:
-        # Nothing is published to devices yet; grant what was asked so ThingsBoard clients work.
+        """Record the subscriptions; QoS 2 is granted as 1 (the server sends at most QoS 1)."""
         refused = RC_SUBSCRIPTION_REFUSED if self._version == 5 else RC_UNSPECIFIED
-        codes = [options & 3 if is_valid_topic_filter(f) else refused for f, options in subscribe.subscriptions]
+        session = self._session
+        codes = [
+            session.subscribe(f, options & 3) if session is not None and is_valid_topic_filter(f) else refused
+            for f, options in subscribe.subscriptions
+        ]
         self._write(encode_suback(subscribe.packet_id, codes, self._version))
+
+    def _on_unsubscribe(self, unsubscribe: Unsubscribe) -> None:
+        session = self._session
+        no_subscription = 0x11 if self._version == 5 else RC_SUCCESS
+        codes = [
+            RC_SUCCESS if session is not None and session.unsubscribe(f) else no_subscription
+            for f in unsubscribe.topic_filters
+        ]
+        self._write(encode_unsuback(unsubscribe.packet_id, codes, self._version))
+
+    def _on_request(self, publish: Publish, device: DeviceRef) -> bool:
+        """Handle a ThingsBoard request topic (attributes, RPC, gateway control); ``False``: not one."""
+        server = self._server
+        session = self._session
+        topic = publish.topic
+        if session is None:  # pragma: no cover - set at CONNACK, before any PUBLISH is handled
+            return False
+        if topic.startswith(ATTRIBUTE_REQUEST_PREFIX):
+            kind = "attributes"
+            server.spawn(
+                server.answer_attributes(session, device, topic[len(ATTRIBUTE_REQUEST_PREFIX) :], publish.payload)
+            )
+        elif topic.startswith(RPC_RESPONSE_PREFIX):
+            kind = "rpc_response"
+            request_id = topic[len(RPC_RESPONSE_PREFIX) :]
+            if not request_id.isdigit() or not server.ctx.downlink.rpc_response(
+                device.p_uid, int(request_id), _json_or_text(publish.payload)
+            ):
+                kind = "rpc_response_unmatched"
+        elif topic.startswith(RPC_REQUEST_PREFIX):
+            kind = "client_rpc"
+            server.spawn(
+                server.answer_client_rpc(session, device.p_uid, topic[len(RPC_REQUEST_PREFIX) :], publish.payload)
+            )
+        elif device.gateway and topic in (
+            GATEWAY_CONNECT_TOPIC, GATEWAY_DISCONNECT_TOPIC, GATEWAY_RPC_TOPIC, GATEWAY_ATTRIBUTE_REQUEST_TOPIC
+        ):  # fmt: skip
+            kind = "gateway_" + topic.rsplit("/", 1)[1]
+            server.spawn(server.gateway_control(session, topic, publish.payload))
+        else:
+            return False
+        server.metrics.request(kind)
+        return True
 
     def _on_pubrel(self, pubrel: Pubrel) -> None:
         qos2 = self._qos2
@@ -975,6 +1332,10 @@ class _Connection(asyncio.Protocol):
         self._tokens = tokens - 1.0
         route = server.route(publish.topic, self._device)
         if route is None:
+            if self._device is not None and self._on_request(publish, self._device):
+                if qos:
+                    self._ack(_Slot(publish.packet_id, qos), done=True)
+                return
             server.metrics.rejected("unsupported_topic")
             if qos:
                 self._ack(_Slot(publish.packet_id, qos), done=True, code=RC_TOPIC_NAME_INVALID)
@@ -985,7 +1346,7 @@ class _Connection(asyncio.Protocol):
             if qos2 is not None and qos == 2:
                 qos2[publish.packet_id] = False
             self._ack(slot, done=False)
-        if self._intake_task is None and slot is not None and route.device is not None:
+        if self._intake_task is None and slot is not None and route.device is not None and not route.gateway:
             # Fast path: nothing of this connection waits for an asynchronous step.
             slot.task = self._loop.create_task(self._commit(publish, route, route.device, slot))
             return
@@ -1010,6 +1371,10 @@ class _Connection(asyncio.Protocol):
             # followed by DISCONNECT); only a journal or registry failure abandons the rest.
             while intake:
                 publish, route, slot = intake.popleft()
+                if route.gateway:
+                    if not await self._intake_gateway(publish, route, slot):
+                        return
+                    continue
                 device = route.device
                 if device is None and route.source_ids is not None:
                     try:
@@ -1034,6 +1399,70 @@ class _Connection(asyncio.Protocol):
         finally:
             self._intake_task = None
             self._update_reading()
+
+    async def _intake_gateway(self, publish: Publish, route: _Route, slot: _Slot | None) -> bool:
+        """Journal a gateway PUBLISH as one frame per device it names, in order; ``False``: unavailable.
+
+        ``{"Device A": [...], "Device B": {...}}``: each device's part becomes a frame of that device
+        (``meta["gateway"]`` names the gateway). A payload that is not such an object is journaled
+        whole, as the gateway's own frame with the error, so nothing is lost.
+        """
+        server = self._server
+        session = self._session
+        gateway = route.device
+        if gateway is None or session is None:  # pragma: no cover - gateway routes carry the device
+            return True
+        parts: list[tuple[RawFrame, DeviceRef, str | None]] = []
+        try:
+            data = _json_decode(publish.payload)
+            if not isinstance(data, dict) or not data:
+                raise ValueError("expected a JSON object of device name -> data")
+            for name, value in data.items():
+                device = await server.gateway_child(session, name)
+                if device is None:
+                    server.metrics.rejected("unknown_device")
+                    continue
+                frame = server.frame(publish, route.kind, gateway=gateway.name, payload=_json_encode(value))
+                parts.append((frame, device, None))
+        except (ValueError, msgspec.DecodeError) as exc:
+            parts = [(server.frame(publish, route.kind), gateway, f"gateway {route.kind}: {exc}")]
+        except RegistryError as exc:
+            self._unavailable(exc)
+            return False
+        try:
+            if slot is None:
+                for frame, device, error in parts:
+                    await self._ingest.submit(frame, device, wait=False, error=error)
+            else:
+                tasks = [
+                    self._loop.create_task(self._ingest.submit(frame, device, error=error))
+                    for frame, device, error in parts
+                ]
+                slot.task = self._loop.create_task(self._finish_all(tasks, slot))
+        except JournalError as exc:
+            self._unavailable(exc)
+            return False
+        return True
+
+    async def _finish_all(self, tasks: list[asyncio.Task[Any]], slot: _Slot) -> None:
+        """Acknowledge a gateway PUBLISH once every frame it became is durable."""
+        try:
+            results = await asyncio.gather(*tasks)
+        except JournalError as exc:
+            self._unavailable(exc)
+            return
+        except Exception:
+            log.exception("mqtt source %s: ingest failed; closing the connection unacknowledged", self._server.name)
+            self._close(RC_UNSPECIFIED, "internal_error", will=False)
+            return
+        finally:
+            slot.task = None
+        errors = [r.record.error for r in results if r is not None and r.record.status is Status.DECODE_ERROR]
+        if errors and self._version == 5:
+            slot.finish(RC_PAYLOAD_FORMAT_INVALID, errors[0])
+        else:
+            slot.finish()
+        self._schedule_flush()
 
     async def _commit(self, publish: Publish, route: _Route, device: DeviceRef, slot: _Slot) -> None:
         """Journal one QoS 1/2 PUBLISH durably, then let its ack (and any ready before it) go."""

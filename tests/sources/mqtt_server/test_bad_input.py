@@ -214,7 +214,7 @@ async def test_unsupported_topic_is_not_journaled(mqtt: MqttInstance, version: i
     token = await _fresh(mqtt)
     client = await mqtt.raw()
     assert await client.connect(version, token) == 0
-    await client.send(encode_publish("v1/devices/me/rpc/request/1", b"{}", 1, 4, version=version))
+    await client.send(encode_publish("v1/devices/me/unknown", b"{}", 1, 4, version=version))
     # MQTT 5: 0x90 "topic name invalid"; 3.1.1 has no way to refuse, the message is dropped.
     assert await client.ack() == (PUBACK, 4, 0x90 if version == 5 else 0)
     await client.send(encode_publish(TELEMETRY, b'{"a": 1}', 1, 5, version=version))
@@ -223,7 +223,7 @@ async def test_unsupported_topic_is_not_journaled(mqtt: MqttInstance, version: i
     assert mqtt.metric("isthmus_mqtt_publishes_rejected_total", reason="unsupported_topic") == 1
 
 
-async def test_subscribe_is_granted_so_thingsboard_clients_work(mqtt: MqttInstance) -> None:
+async def test_subscribe_grants_at_most_qos_1_and_refuses_bad_filters(mqtt: MqttInstance) -> None:
     from isthmus.sources.mqtt_codec import encode_subscribe, encode_unsubscribe
 
     token = await _fresh(mqtt)
@@ -231,9 +231,10 @@ async def test_subscribe_is_granted_so_thingsboard_clients_work(mqtt: MqttInstan
     assert await client.connect(5, token) == 0
     await client.send(encode_subscribe(3, [("v1/devices/me/attributes", 1), ("v1/devices/me/rpc/request/+", 2),
                                            ("bad/#/filter", 0)], 5))  # fmt: skip
-    assert await client.packet() == (9, b"\x00\x03\x00\x01\x02\x8f")
-    await client.send(encode_unsubscribe(4, ["v1/devices/me/attributes"], 5))
-    assert await client.packet() == (11, b"\x00\x04\x00\x00")
+    # The server publishes at most at QoS 1, so a QoS 2 subscription is granted QoS 1.
+    assert await client.packet() == (9, b"\x00\x03\x00\x01\x01\x8f")
+    await client.send(encode_unsubscribe(4, ["v1/devices/me/attributes", "never/subscribed"], 5))
+    assert await client.packet() == (11, b"\x00\x04\x00\x00\x11")  # 0x11: no subscription existed
 
 
 async def test_a_reconnecting_client_takes_over_its_old_connection(mqtt_factory: object) -> None:
