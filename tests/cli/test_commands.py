@@ -584,3 +584,39 @@ def test_pd_credentials_conflict_is_the_servers_sentence(cli, fake, error_line) 
     result = cli("pd", "credentials", "--puid", "2", "-u", "tank-7", "-p", "pw")
     assert result.exit_code == 1
     assert error_line(result) == f"error: {message}"
+
+
+def test_pd_state_prints_the_online_state(cli, fake) -> None:
+    state = {"online": True, "since": "2026-01-01T00:00:00Z", "links": 1, "last_seen": "2026-01-01T00:00:01Z"}
+    fake.on("GET", "/mgmt/physical/1/state", state)
+    result = cli("pd", "state", "--puid", "1")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == state
+
+
+def test_pd_attrs_sets_shared_attributes_then_prints_both_scopes(cli, fake) -> None:
+    fake.on("PUT", "/mgmt/physical/1/attributes", {"interval": 60})
+    fake.on("GET", "/mgmt/physical/1/attributes", {"client": {"fw": "1"}, "shared": {"interval": 60}})
+    result = cli("pd", "attrs", "--puid", "1", "--json", '{"interval": 60}')
+    assert result.exit_code == 0, result.output
+    assert fake.body(0) == {"interval": 60}
+    assert json.loads(result.stdout)["shared"] == {"interval": 60}
+    result = cli("pd", "attrs", "--puid", "1")
+    assert [r.method for r in fake.requests] == ["PUT", "GET", "GET"]
+
+
+def test_pd_rpc_sends_the_call_and_prints_the_answer(cli, fake) -> None:
+    fake.on("POST", "/mgmt/physical/1/rpc", {"response": {"ok": True}})
+    result = cli("pd", "rpc", "--puid", "1", "--method", "setValve", "--params", '{"open": 1}', "--timeout", "30")
+    assert result.exit_code == 0, result.output
+    assert fake.body() == {"method": "setValve", "params": {"open": 1}, "timeout": 30.0, "oneway": False}
+    assert json.loads(result.stdout) == {"response": {"ok": True}}
+
+
+def test_pd_rpc_bad_params_and_an_unreachable_device(cli, fake, error_line) -> None:
+    result = cli("pd", "rpc", "--puid", "1", "--method", "m", "--params", "{oops")
+    assert result.exit_code == 2 and "--params is not JSON" in result.output
+    fake.error("POST", "/mgmt/physical/1/rpc", 409, "device_unreachable", "device 1 is not connected")
+    result = cli("pd", "rpc", "--puid", "1", "--method", "m")
+    assert result.exit_code != 0
+    assert "device 1 is not connected" in error_line(result)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import sys
 from typing import Annotated, Any
 
@@ -162,6 +164,58 @@ def pd_credentials(
             secret = password if password is not None else _read_password(ctx)
             device = api.put(f"/mgmt/physical/{puid}/credentials", {"username": username, "password": secret})
     print_json(without_properties(device, False))
+
+
+@pd_app.command("state")
+def pd_state(ctx: typer.Context, puid: PUid) -> None:
+    """Print whether the device PUID is online (connected through a source), since when, and its last_seen."""
+    with session(ctx).client() as api:
+        print_json(api.get(f"/mgmt/physical/{puid}/state"))
+
+
+@pd_app.command("attrs")
+def pd_attrs(ctx: typer.Context, puid: PUid, json_text: JsonText = None, file: JsonFile = None) -> None:
+    """Print the device's client and shared attributes; with --json or --file, first set shared attributes.
+
+    Shared attributes set here are pushed at once to the device if it is connected and subscribed
+    (MQTT v1/devices/me/attributes), or queued in its persistent session.
+
+    Example: isthmus pd attrs --puid 1 --json '{"interval": 60}'
+    """
+    body = read_json_object(ctx, json_text, file) if json_text is not None or file is not None else None
+    with session(ctx).client() as api:
+        if body is not None:
+            api.put(f"/mgmt/physical/{puid}/attributes", body)
+        print_json(api.get(f"/mgmt/physical/{puid}/attributes"))
+
+
+@pd_app.command("rpc")
+def pd_rpc(
+    ctx: typer.Context,
+    puid: PUid,
+    method: Annotated[str, typer.Option("--method", metavar="METHOD", help="The method to call.", show_default=False)],
+    params: Annotated[str, typer.Option("--params", metavar="JSON", help="Its parameters, any JSON value.")] = "{}",
+    timeout: Annotated[
+        float, typer.Option("--timeout", min=0.1, max=300, help="Seconds to wait for the device's answer.")
+    ] = 10.0,
+    oneway: Annotated[bool, typer.Option("--oneway", help="Send without waiting for an answer.")] = False,
+) -> None:
+    """Call METHOD on the device PUID (server-side RPC) and print its answer.
+
+    Fails when no connection or persistent session of the device takes RPC requests (409) or
+    the device does not answer within --timeout seconds (504).
+
+    Example: isthmus pd rpc --puid 1 --method setValve --params '{"open": true}'
+    """
+    try:
+        value = json.loads(params)
+    except json.JSONDecodeError as exc:
+        raise CliUsageError(f"--params is not JSON: {exc}", ctx) from None
+    current = session(ctx)
+    waiting = dataclasses.replace(current, timeout=max(current.timeout, timeout + 5))
+    body = {"method": method, "params": value, "timeout": timeout, "oneway": oneway}
+    with waiting.client() as api:
+        print_json(api.post(f"/mgmt/physical/{puid}/rpc", body))
 
 
 def _list_physical(ctx: typer.Context, *, source: str | None, properties: bool, plain: bool, unmapped: bool) -> None:
