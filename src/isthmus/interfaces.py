@@ -334,6 +334,27 @@ class Journal(Protocol):
         """
         ...
 
+    async def read_selected(
+        self,
+        after: int,
+        limit: int,
+        *,
+        kinds: frozenset[str],
+        mapped_only: bool,
+        max_bytes: int | None = None,
+        wait: float = 0.0,
+    ) -> tuple[list[Record], int, int]:
+        """What a sink takes after ``after``: ``(selected, last_seq, skipped)``.
+
+        ``selected``: records with status ``ok`` and a message, of one of ``kinds`` (and mapped to a
+        logical device when ``mapped_only``), in order; at most ``limit`` of them and at most
+        ``max_bytes`` of payload (but at least one). The range examined is ``(after, last_seq]``
+        (``last_seq == after``: nothing new); ``skipped`` counts its other records, which the
+        journal filters out without fetching or decoding them. Records deleted by retention
+        before the read count as neither. Waits like :meth:`read`.
+        """
+        ...
+
     async def query(self, q: RecordQuery) -> list[Record]:
         """Records matching ``q`` (for the management API; not the hot path)."""
         ...

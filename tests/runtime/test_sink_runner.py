@@ -5,13 +5,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from isthmus.journal.sqlite import SQLiteJournal
-from isthmus.message import Kind, Record, Status
+from isthmus.interfaces import Cursor, WriteResult
+from isthmus.journal import sqlite as journal_module
+from isthmus.journal.sqlite import RetentionPolicy, SQLiteJournal
+from isthmus.message import Kind, Record, Status, utcnow
 from isthmus.runtime.metrics import Metrics
 from isthmus.runtime.sinks import Health, RunnerSettings, SinkRunner
 from isthmus.testing import RecordingSink, make_record
@@ -209,3 +213,183 @@ async def test_skip_only_batches_commit_lazily_but_surely(journal: SQLiteJournal
         assert (await journal.load_cursor("attrs")).seq == 5
     stored = await journal.load_cursor("attrs")
     assert (stored.seq, stored.skipped) == (6, 6), "stopping commits what was only held in memory"
+
+
+# --------------------------------------------------------------------------- routing in the journal
+
+
+class BatchRecordingSink(RecordingSink):
+    """A RecordingSink that also keeps the sequence numbers of each batch it was given."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.batches: list[list[int]] = []
+
+    async def write(self, batch: Sequence[Record]) -> WriteResult | None:
+        self.batches.append([r.seq for r in batch])
+        return await super().write(batch)
+
+
+@pytest.fixture
+def decoded(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Sequence numbers of every journal row turned into a Record, by any reader (a spy)."""
+    seen: list[int] = []
+    original = journal_module._row_record
+
+    def spy(row: tuple[Any, ...]) -> Record:
+        seen.append(row[0])
+        return original(row)
+
+    monkeypatch.setattr(journal_module, "_row_record", spy)
+    return seen
+
+
+ATTRIBUTES = RunnerSettings(
+    kinds=frozenset({"attributes"}), requires_mapping=False, idle_wait=0.05, batch_period=0.02, max_attempts=3
+)
+
+
+def balanced(journal: SQLiteJournal, c: Cursor) -> bool:
+    return journal.last_seq == c.delivered + c.dead_lettered + c.skipped + (journal.last_seq - c.seq)
+
+
+async def test_an_attributes_runner_never_fetches_or_decodes_telemetry(
+    journal: SQLiteJournal, decoded: list[int]
+) -> None:
+    kinds: list[Kind] = ["attributes" if i % 10 == 3 else "telemetry" for i in range(40)]
+    await journal.append([record(kind=k) for k in kinds])
+    wanted = [i + 1 for i, k in enumerate(kinds) if k == "attributes"]
+    sink = RecordingSink()
+    r = runner("_attributes", sink, journal, ATTRIBUTES)
+    async with running(r):
+        await until(lambda: r.cursor.seq == 40)
+    assert decoded == wanted, "telemetry records were read and decoded by a runner that skips them"
+    assert [x.seq for x in sink.written] == wanted
+    assert {x.frame.kind for x in sink.written} == {"attributes"}
+    assert (r.cursor.delivered, r.cursor.dead_lettered, r.cursor.skipped) == (4, 0, 36)
+    assert balanced(journal, await journal.load_cursor("_attributes"))
+
+
+def mixed() -> list[Record]:
+    """Telemetry (mapped, unmapped, undecodable, quarantined) and attributes, interleaved."""
+    return [
+        record(),
+        record(kind="attributes", l_uid=None),
+        record(l_uid=None),
+        record(status=Status.DECODE_ERROR),
+        record(),
+        record(kind="attributes"),
+        record(status=Status.QUARANTINED),
+        record(kind="attributes", status=Status.DECODE_ERROR),
+        record(),
+        record(),
+    ]  # telemetry sink takes 4 (one is rejected below), attributes sink takes 2
+
+
+async def test_books_balance_with_mixed_kinds_across_restarts(journal: SQLiteJournal, decoded: list[int]) -> None:
+    first = mixed()
+    await journal.append(first)
+    ts_settings = RunnerSettings(max_attempts=2, backoff_initial=0.001, backoff_max=0.002, idle_wait=0.05)
+    ts_sink = RecordingSink(reject=frozenset({first[4].frame.correlation_id}))
+    ts, attrs = runner("ts", ts_sink, journal, ts_settings), runner("_attributes", RecordingSink(), journal, ATTRIBUTES)
+    async with running(ts, attrs):
+        await until(lambda: ts.cursor.seq == attrs.cursor.seq == 10)
+    assert sorted(decoded) == [1, 2, 5, 6, 9, 10], "only the records some sink takes were decoded"
+    ts_c, at_c = await journal.load_cursor("ts"), await journal.load_cursor("_attributes")
+    assert (ts_c.seq, ts_c.delivered, ts_c.dead_lettered, ts_c.skipped) == (10, 3, 1, 6)
+    assert (at_c.seq, at_c.delivered, at_c.dead_lettered, at_c.skipped) == (10, 2, 0, 8)
+
+    # The process restarts: new runners continue from the committed cursors, reading only what follows.
+    decoded.clear()
+    await journal.append(mixed())
+    ts_sink2, at_sink2 = RecordingSink(), RecordingSink()
+    ts2, attrs2 = runner("ts", ts_sink2, journal, ts_settings), runner("_attributes", at_sink2, journal, ATTRIBUTES)
+    async with running(ts2, attrs2):
+        await until(lambda: ts2.cursor.seq == attrs2.cursor.seq == 20)
+    assert sorted(decoded) == [11, 12, 15, 16, 19, 20]
+    assert [x.seq for x in ts_sink2.written] == [11, 15, 19, 20]
+    assert [x.seq for x in at_sink2.written] == [12, 16]
+    ts_c, at_c = await journal.load_cursor("ts"), await journal.load_cursor("_attributes")
+    assert (ts_c.seq, ts_c.delivered, ts_c.dead_lettered, ts_c.skipped) == (20, 7, 1, 12)
+    assert (at_c.seq, at_c.delivered, at_c.dead_lettered, at_c.skipped) == (20, 4, 0, 16)
+    assert balanced(journal, ts_c) and balanced(journal, at_c)
+
+
+async def test_a_crash_after_skip_only_progress_re_skips_from_the_committed_cursor(journal: SQLiteJournal) -> None:
+    await journal.append([record(kind="attributes"), record()])
+    settings = RunnerSettings(kinds=frozenset({"attributes"}), requires_mapping=False, idle_wait=5.0)
+    r = runner("_attributes", RecordingSink(), journal, settings)
+    async with running(r):
+        await until(lambda: r.cursor.seq == 2)
+        committed = await journal.load_cursor("_attributes")
+        await journal.append([record() for _ in range(5)])  # skip-only, within a second: held in memory
+        await until(lambda: r.cursor.seq == 7)
+        assert (await journal.load_cursor("_attributes")).seq == committed.seq == 2
+    # A crash loses what was held in memory: the journal still has the last committed cursor.
+    await journal.commit_cursor(committed)
+    await journal.append([record(kind="attributes"), record()])
+    sink = RecordingSink()
+    r2 = runner("_attributes", sink, journal, settings)
+    async with running(r2):
+        await until(lambda: r2.cursor.seq == 9)
+    assert [x.seq for x in sink.written] == [8]
+    c = await journal.load_cursor("_attributes")
+    assert (c.seq, c.delivered, c.dead_lettered, c.skipped) == (9, 2, 0, 7)
+    assert balanced(journal, c)
+
+
+async def test_retention_never_passes_a_skip_only_runners_committed_cursor(journal: SQLiteJournal) -> None:
+    old = utcnow() - timedelta(days=10)
+    journal.retention = RetentionPolicy(max_age=timedelta(days=1))
+    journal.set_active_consumers(["_attributes"])
+    await journal.append([make_record(kind="attributes", received_at=old)])
+    settings = RunnerSettings(kinds=frozenset({"attributes"}), requires_mapping=False, idle_wait=5.0)
+    r = runner("_attributes", RecordingSink(), journal, settings)
+    async with running(r):
+        await until(lambda: r.cursor.seq == 1)
+        await journal.append([make_record(received_at=old) for _ in range(4)] + [make_record()])
+        await until(lambda: r.cursor.seq == 6)
+        # The runner has passed seq 6 in memory only; retention goes by the committed cursor (1).
+        report = await journal.apply_retention()
+        assert (report.deleted, report.floor) == (1, 1)
+        assert [x.seq for x in await journal.read(0, 10)] == [2, 3, 4, 5, 6]
+    c = await journal.load_cursor("_attributes")
+    assert (c.seq, c.delivered, c.skipped) == (6, 1, 5)
+    report = await journal.apply_retention()
+    assert (report.deleted, report.floor) == (4, 6), "now committed: the old records go (never the newest)"
+
+
+async def test_a_sink_added_after_retention_counts_only_records_it_found(journal: SQLiteJournal) -> None:
+    old = utcnow() - timedelta(days=10)
+    journal.retention = RetentionPolicy(max_age=timedelta(days=1))
+    journal.set_active_consumers(["early"])
+    await journal.append([make_record(received_at=old) for _ in range(5)])
+    await journal.append([record(), record(kind="attributes"), record(l_uid=None), record()])
+    await journal.commit_cursor(Cursor("early", seq=9, delivered=9))
+    assert (await journal.apply_retention()).deleted == 5
+    sink = RecordingSink()
+    late = runner("late", sink, journal)
+    async with running(late):
+        await until(lambda: late.cursor.seq == 9)
+    assert [x.seq for x in sink.written] == [6, 9]
+    c = await journal.load_cursor("late")
+    assert (c.delivered, c.dead_lettered, c.skipped) == (2, 0, 2), "records deleted before it started are not its"
+
+
+async def test_batch_period_and_bytes_shape_batches_and_the_books_stay_whole(journal: SQLiteJournal) -> None:
+    settings = RunnerSettings(batch_period=0.2, batch_max_bytes=100, idle_wait=0.05)
+    sink = BatchRecordingSink()
+    r = runner("s", sink, journal, settings)
+    async with running(r):
+        await journal.append([record()])
+        for _ in range(3):  # separate commits within the batch period
+            await journal.append([record(kind="attributes"), record()])
+        await until(lambda: r.cursor.seq == 7)
+    size = len(make_record().frame.payload)
+    per_batch = max(1, 100 // size)
+    delivered = [1, 3, 5, 7]
+    assert [s for b in sink.batches for s in b] == delivered
+    assert all(len(b) <= per_batch for b in sink.batches)
+    assert len(sink.batches) == -(-len(delivered) // per_batch), "appends within the period share a batch"
+    c = await journal.load_cursor("s")
+    assert (c.seq, c.delivered, c.skipped) == (7, 4, 3)

@@ -8,6 +8,10 @@ fill batches further, ``max_batch`` bounds them.
 
 Reads run in worker threads on their own read-only connections (WAL readers never block the
 writer). Nothing here blocks the event loop.
+
+Sinks read through :meth:`SQLiteJournal.read_selected`, which filters by kind, status and mapping
+inside SQLite (index ``records_kind``): records a sink does not take are never fetched nor decoded,
+only counted from the sequence numbers of the range read.
 """
 
 from __future__ import annotations
@@ -19,11 +23,11 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, get_args
 
 import msgspec
 
@@ -43,7 +47,9 @@ from isthmus.message import (
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+# 2: index records_kind (kind, seq) for read_selected. A version 1 file is upgraded in place
+# when opened (the index is built once); an older Isthmus refuses a version 2 file.
+SCHEMA_VERSION = 2
 # Seconds between WAL checkpoints, and the size the WAL file is truncated to after one.
 CHECKPOINT_INTERVAL = 1.0
 _WAL_SIZE_LIMIT = 64 * 1024 * 1024
@@ -69,6 +75,7 @@ CREATE INDEX IF NOT EXISTS records_p_uid ON records (p_uid, seq);
 CREATE INDEX IF NOT EXISTS records_l_uid ON records (l_uid, seq);
 CREATE INDEX IF NOT EXISTS records_correlation ON records (correlation_id);
 CREATE INDEX IF NOT EXISTS records_received ON records (received_at);
+CREATE INDEX IF NOT EXISTS records_kind ON records (kind, seq);
 CREATE TABLE IF NOT EXISTS cursors (
     consumer      TEXT PRIMARY KEY,
     seq           INTEGER NOT NULL,
@@ -108,6 +115,13 @@ _COLUMNS = (
     "seq, correlation_id, received_at, source, kind, content_type, meta, p_uid, status, error,"
     " payload, message, replay_of"
 )
+_PAYLOAD = 10  # the payload's index in a row of _COLUMNS
+
+_ALL_KINDS = frozenset(get_args(Kind))
+# Most sequence numbers one read_selected examines: bounds the time one query holds its read
+# transaction when a selective sink catches up over a long stretch it does not take.
+_SCAN_MAX = 100_000
+_SELECTED = "status = 'ok' AND message IS NOT NULL"
 
 _meta_encoder = msgspec.json.Encoder()
 _meta_decoder = msgspec.json.Decoder(dict[str, Any])
@@ -146,6 +160,19 @@ class JournalStats:
     records: int
     bytes_used: int
     dropped_unconsumed: int
+
+
+class Selection(NamedTuple):
+    """What :meth:`SQLiteJournal.read_selected` found after a sequence number.
+
+    The range examined is ``(after, last_seq]``: ``records`` are the selected ones in it, in order;
+    ``skipped`` counts the others (neither fetched nor decoded). Records retention deleted before
+    the read are in neither. ``last_seq == after`` when there was nothing new.
+    """
+
+    records: list[Record]
+    last_seq: int
+    skipped: int
 
 
 class _Op:
@@ -332,6 +359,10 @@ class SQLiteJournal:
                 raise JournalError(
                     f"{self.path} has journal schema {version}, newer than this Isthmus ({SCHEMA_VERSION})"
                 )
+            if 0 < version < SCHEMA_VERSION:
+                log.info("upgrading journal %s from schema %d to %d", self.path, version, SCHEMA_VERSION)
+            # Idempotent: creates what a new file lacks, and on a version 1 file builds the
+            # records_kind index (one pass over the records, at open only).
             conn.executescript(_SCHEMA)
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             self._last_seq = conn.execute("SELECT coalesce(max(seq), 0) FROM records").fetchone()[0]
@@ -474,14 +505,18 @@ class SQLiteJournal:
         # the waited submits (tasks too) started before them.
         return asyncio.ensure_future(self.append(records))
 
-    async def read(self, after: int, limit: int, *, wait: float = 0.0) -> list[Record]:
-        """Up to ``limit`` records with ``seq > after``, waiting up to ``wait`` s for one."""
+    async def wait_for_append(self, after: int, wait: float) -> bool:
+        """Wait up to ``wait`` s until a record with ``seq > after`` is committed; true if there is one."""
         self._check_open()
         if wait > 0 and self._last_seq <= after:
             event = self._appended
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(event.wait(), wait)
-        if self._last_seq <= after:
+        return self._last_seq > after
+
+    async def read(self, after: int, limit: int, *, wait: float = 0.0) -> list[Record]:
+        """Up to ``limit`` records with ``seq > after``, waiting up to ``wait`` s for one."""
+        if not await self.wait_for_append(after, wait):
             return []
 
         def fetch(conn: sqlite3.Connection) -> list[Record]:
@@ -492,6 +527,78 @@ class SQLiteJournal:
             return [_row_record(r) for r in rows]
 
         result: list[Record] = await self._read(fetch)
+        return result
+
+    async def read_selected(
+        self,
+        after: int,
+        limit: int,
+        *,
+        kinds: Collection[str],
+        mapped_only: bool,
+        max_bytes: int | None = None,
+        wait: float = 0.0,
+    ) -> Selection:
+        """The records a sink takes after ``after``, and how many it passes over.
+
+        Selected are records with status ``ok`` and a message, of one of ``kinds`` and, with
+        ``mapped_only``, mapped to a logical device: at most ``limit`` of them, in order, with at
+        most ``max_bytes`` of payload between them (but at least one). They are filtered inside
+        SQLite; the others in the range examined are never fetched nor decoded, only counted
+        (``Selection.skipped``) from the sequence numbers, which are consecutive: retention only
+        deletes the oldest records. Examines at most ``_SCAN_MAX`` sequence numbers per call.
+        Waits up to ``wait`` s for an append when there is nothing after ``after``.
+        """
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, not {limit}")
+        if not await self.wait_for_append(after, wait):
+            return Selection([], after, 0)
+        where = ["seq > ? AND seq <= ?", _SELECTED]
+        kind_args: list[str] = []
+        if not _ALL_KINDS.issubset(kinds):  # taking every kind needs no condition
+            kind_args = sorted(set(kinds))
+            where.append(f"kind IN ({','.join('?' * len(kind_args))})")
+        if mapped_only:
+            where.append("l_uid IS NOT NULL")
+        sql = f"SELECT {_COLUMNS} FROM records WHERE {' AND '.join(where)} ORDER BY seq LIMIT ?"  # noqa: S608
+
+        def fetch(conn: sqlite3.Connection) -> Selection:
+            # One read transaction: the bounds and the rows come from the same snapshot, so a
+            # concurrent retention pass cannot make the count of passed-over records wrong.
+            if conn.in_transaction:  # left open by a failed COMMIT: never keep an old snapshot
+                conn.execute("ROLLBACK")
+            conn.execute("BEGIN")
+            try:
+                # Two subqueries: SQLite answers a lone min() or max() of the key from the b-tree's ends.
+                first, last = conn.execute(
+                    "SELECT (SELECT min(seq) FROM records), (SELECT max(seq) FROM records)"
+                ).fetchall()[0]
+                if last is None or last <= after:
+                    return Selection([], after, 0)
+                lo = max(after, first - 1)
+                hi = min(last, lo + _SCAN_MAX)
+                records: list[Record] = []
+                end = hi
+                total = 0
+                cur = conn.execute(sql, (lo, hi, *kind_args, limit))
+                try:
+                    for row in cur:
+                        if max_bytes is not None:
+                            total += len(row[_PAYLOAD])
+                            if total > max_bytes and records:
+                                end = records[-1].seq
+                                break
+                        records.append(_row_record(row))
+                    else:
+                        if len(records) >= limit:
+                            end = records[-1].seq
+                finally:
+                    cur.close()
+            finally:
+                conn.execute("COMMIT")
+            return Selection(records, end, max(0, end - lo - len(records)))
+
+        result: Selection = await self._read(fetch)
         return result
 
     async def query(self, q: RecordQuery) -> list[Record]:

@@ -8,6 +8,10 @@ A slow or dead sink only holds back its own cursor; the journal keeps the record
 Books: for every record a runner passes, exactly one of delivered / dead-lettered / skipped is
 incremented, in the same commit that moves the cursor, so for any sink
 ``records up to cursor = delivered + dead_lettered + skipped`` and the rest is pending.
+
+Routing happens in the journal: :meth:`~isthmus.journal.sqlite.SQLiteJournal.read_selected` returns
+only the records this sink takes, and how many records of the range it read it passed over; those
+are counted as skipped without ever being fetched or decoded.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from dataclasses import dataclass
 
 from isthmus.errors import JournalError, PermanentSinkError, RetryableSinkError, SinkError
 from isthmus.interfaces import Cursor, DeadLetter, Sink, WriteResult
-from isthmus.journal.sqlite import SQLiteJournal
+from isthmus.journal.sqlite import Selection, SQLiteJournal
 from isthmus.message import RawFrame, Record, Status, decode_message, encode_message, utcnow
 from isthmus.runtime.metrics import Metrics
 
@@ -109,7 +113,11 @@ class SinkRunner:
         return max(0, self.journal.last_seq - self.cursor.seq)
 
     def selects(self, record: Record) -> bool:
-        """Whether this sink's route takes ``record`` (otherwise it is skipped and counted)."""
+        """Whether this sink's route takes ``record`` (otherwise it is skipped and counted).
+
+        The journal applies the same route when reading (``read_selected``); this check only
+        guards the books against a journal that returns more than it was asked for.
+        """
         if record.message is None or record.status is not Status.OK:
             return False
         if record.frame.kind not in self.settings.kinds:
@@ -125,7 +133,7 @@ class SinkRunner:
             while True:
                 batch = await self._next_batch()
                 self._lag.set(self.lag)
-                if batch:
+                if batch.last_seq > self.cursor.seq:
                     await self._handle(batch)
                     self._lag.set(self.lag)
                 elif self._uncommitted:
@@ -148,32 +156,45 @@ class SinkRunner:
                 self._set_state(Health.RETRYING, f"open failed: {exc}")
                 await asyncio.sleep(self._backoff(attempt))
 
-    async def _next_batch(self) -> list[Record]:
+    async def _next_batch(self) -> Selection:
         s = self.settings
-        records = await self.journal.read(self.cursor.seq, s.batch_max_records, wait=s.idle_wait)
-        if records and s.batch_period > 0 and len(records) < s.batch_max_records:
-            # Let the batch fill, then read the rest in one go (reading on every group commit
-            # instead cost a thread hop and a query per commit at moderate load).
-            await asyncio.sleep(s.batch_period)
-            records.extend(await self.journal.read(records[-1].seq, s.batch_max_records - len(records)))
-        return _cut_by_bytes(records, s.batch_max_bytes)
+        after = self.cursor.seq
+        wait = s.idle_wait
+        if s.batch_period > 0:
+            # Once something new is there, let the batch fill, then read it with one query
+            # (reading on every group commit instead cost a thread hop and a query per commit at
+            # moderate load). No wait when a full batch may already be there.
+            if not await self.journal.wait_for_append(after, s.idle_wait):
+                return Selection([], after, 0)
+            if self.journal.last_seq - after < s.batch_max_records:
+                await asyncio.sleep(s.batch_period)
+            wait = 0.0
+        return await self.journal.read_selected(
+            after,
+            s.batch_max_records,
+            kinds=s.kinds,
+            mapped_only=s.requires_mapping,
+            max_bytes=s.batch_max_bytes,
+            wait=wait,
+        )
 
-    async def _handle(self, records: list[Record]) -> None:
+    async def _handle(self, batch: Selection) -> None:
         async with self._books:
-            await self._handle_locked(records)
+            await self._handle_locked(batch)
 
-    async def _handle_locked(self, records: list[Record]) -> None:
-        selected = [r for r in records if self.selects(r)]
+    async def _handle_locked(self, batch: Selection) -> None:
+        selected = [r for r in batch.records if self.selects(r)]
+        skipped = batch.skipped + len(batch.records) - len(selected)
         dead: list[DeadLetter] = []
         if selected:
             dead = await self._deliver(selected)
         cursor = self.cursor
         next_cursor = Cursor(
             cursor.consumer,
-            seq=records[-1].seq,
+            seq=batch.last_seq,
             delivered=cursor.delivered + len(selected) - len(dead),
             dead_lettered=cursor.dead_lettered + len(dead),
-            skipped=cursor.skipped + len(records) - len(selected),
+            skipped=cursor.skipped + skipped,
         )
         if selected or time.monotonic() - self._committed_at >= SKIP_COMMIT_INTERVAL:
             await self._commit(next_cursor, dead)
@@ -184,7 +205,7 @@ class SinkRunner:
             self._uncommitted = True
         self._delivered.inc(len(selected) - len(dead))
         self._dead.inc(len(dead))
-        self._skipped.inc(len(records) - len(selected))
+        self._skipped.inc(skipped)
 
     async def _commit(self, cursor: Cursor, dead: Sequence[DeadLetter] = ()) -> None:
         """Commit ``cursor`` (and the dead letters that moved it), retrying until the journal takes it."""
@@ -304,12 +325,3 @@ def _record_from_dead_letter(d: DeadLetter) -> Record:
         kind=message.kind,
     )
     return Record(frame=frame, status=Status.OK, p_uid=message.p_uid, message=message, seq=d.seq)
-
-
-def _cut_by_bytes(records: list[Record], limit: int) -> list[Record]:
-    total = 0
-    for i, record in enumerate(records):
-        total += len(record.frame.payload)
-        if total > limit and i > 0:
-            return records[:i]
-    return records
