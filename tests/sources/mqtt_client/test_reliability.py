@@ -78,15 +78,18 @@ async def test_broker_restart_mid_stream_loses_nothing_acknowledged(
 
 
 class Gate:
-    """An ingest whose submit never completes for payloads marked ``"hold"`` (a journal stuck for good)."""
+    """A journal stuck for good from the first payload marked ``"hold"`` on: that submit and every later
+    one never complete and store nothing (later ones too, as the journal keeps its order)."""
 
     def __init__(self, inner: Ingest) -> None:
         self.inner = inner
         self.held = asyncio.Event()
+        self.stuck = 0  # submits waiting forever
 
     async def submit(self, frame: RawFrame, device: DeviceRef, **kw: Any) -> IngestResult | None:
-        if b'"hold"' in frame.payload:
+        if self.held.is_set() or b'"hold"' in frame.payload:
             self.held.set()
+            self.stuck += 1
             await asyncio.get_running_loop().create_future()  # cancelled when the runtime stops
         return await self.inner.submit(frame, device, **kw)
 
@@ -107,8 +110,12 @@ async def test_a_message_whose_journal_commit_never_completed_is_redelivered_aft
     await kit.wait_records(rt1, 1)
     await kit.pub(broker.port, "pebble/n1/data", {"seq": 2, "hold": True})
     await asyncio.wait_for(gates[0].held.wait(), 10)
-    await kit.pub(broker.port, "pebble/n1/data", {"seq": 3})  # arrives, waits behind seq 2 (in order)
-    await broker.wait_log("Sending PUBLISH to isthmus-pebble", count=3)
+    await kit.pub(broker.port, "pebble/n1/data", {"seq": 3})  # arrives, its submit is started (pipelined)
+
+    async def both_stuck() -> bool:
+        return gates[0].stuck == 2
+
+    await kit.wait_for(both_stuck, what="the submits of seq 2 and 3 both started")
     assert seqs(await kit.records(rt1)) == [1]
     await kit.stop(rt1)  # cancels the source mid-submit: seq 2 and 3 are not acknowledged
 
