@@ -144,8 +144,10 @@ class Ingest(Protocol):
 
         With ``wait=True`` returns once the record is durable (the source may now acknowledge
         the device); the result tells whether decoding failed or the message was quarantined.
-        With ``wait=False`` (QoS 0, fire-and-forget) returns ``None`` at once; the record is
-        journaled in the next group commit. Raises :class:`~isthmus.errors.JournalError` only
+        With ``wait=False`` (QoS 0, fire-and-forget) returns ``None`` as soon as the record is
+        queued (at once, unless the journal is far behind: then it waits until there is room, so
+        that a flood slows its senders instead of filling memory); the record is journaled in the
+        next group commit. Raises :class:`~isthmus.errors.JournalError` only
         when the journal cannot store anything (disk full, closed): the device must not be acked.
 
         Order: submits started in sequence from one task — awaited one by one, or started with

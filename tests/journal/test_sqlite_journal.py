@@ -229,3 +229,21 @@ async def test_checkpoints_run_off_the_commit_path(journal: SQLiteJournal) -> No
     assert db.stat().st_size == before, "the writer itself does not checkpoint"
     await asyncio.sleep(1.5)
     assert db.stat().st_size > before, "the background checkpoint copied the WAL into the database"
+
+
+async def test_fire_and_forget_appends_wait_for_room_when_the_writer_is_far_behind(tmp_path: Path) -> None:
+    # The writer gathers for 0.5 s before its first commit: the queue fills meanwhile.
+    journal = SQLiteJournal(tmp_path / "j.db", commit_interval=0.5, max_batch=10_000)
+    await journal.open()
+    try:
+        journal.max_queued_rows = 10
+        futures = [journal.append_nowait([make_record()]) for i in range(30)]
+        await asyncio.sleep(0.01)  # the append tasks run and queue their records
+        waiter = asyncio.create_task(journal.wait_for_room())
+        await asyncio.sleep(0.05)
+        assert not waiter.done()  # 30 queued > 10: held back
+        await asyncio.wait_for(waiter, 5)  # released once the commit drained the queue
+        assert all(f.done() and not f.exception() for f in futures)
+        await journal.wait_for_room()  # room now: returns at once
+    finally:
+        await journal.close()

@@ -236,6 +236,11 @@ class SQLiteJournal:
         self._last_seq = 0
         self._written_seq = 0
         self._appended = asyncio.Event()
+        self._queued_rows = 0
+        """Records handed to the writer and not yet committed (or failed)."""
+        self.max_queued_rows = max(10_000, 8 * max_batch)
+        """Above this many queued records, :meth:`wait_for_room` holds fire-and-forget appends back."""
+        self._room: asyncio.Event | None = None
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
         self._local = threading.local()
@@ -273,6 +278,9 @@ class SQLiteJournal:
         if self._writer is not None:
             self._queue.put(_STOP)
             await asyncio.to_thread(self._writer.join)
+        if self._room is not None:  # waiters re-check, and find the journal closed
+            self._room.set()
+            self._room = None
         with self._readers_lock:
             for conn in self._readers:
                 conn.close()
@@ -454,6 +462,10 @@ class SQLiteJournal:
         return seqs
 
     def _resolve(self, batch: list[_Op], error: BaseException | None, last_seq: int, elapsed: float) -> None:
+        self._queued_rows -= sum(op.size for op in batch if op.rows is not None)
+        if self._room is not None and self._queued_rows <= self.max_queued_rows // 2:
+            self._room.set()
+            self._room = None
         for op in batch:
             if op.future.done():
                 continue
@@ -482,8 +494,23 @@ class SQLiteJournal:
         if loop is None:
             raise JournalClosed("the journal is not open")
         future: asyncio.Future[Any] = loop.create_future()
+        if rows is not None:
+            self._queued_rows += size
         self._queue.put(_Op(fn, future, size, rows))
         return await future
+
+    async def wait_for_room(self) -> None:
+        """Return once the writer's queue holds at most ``max_queued_rows`` records (at once, normally).
+
+        Fire-and-forget appends (QoS 0) are not bounded by any acknowledgement; their sources call
+        this first, so that a flood slows its senders (TCP back-pressure) instead of filling memory
+        and starving everything else on the event loop. Waits until the queue is half drained.
+        """
+        while self._queued_rows > self.max_queued_rows:
+            self._check_open()
+            if self._room is None:
+                self._room = asyncio.Event()
+            await self._room.wait()
 
     # ------------------------------------------------------------------ Journal
 

@@ -197,6 +197,7 @@ class IngestService:
         record = self.build(frame, device, error, decoder)
         counts = self._source_counts(frame.source)
         if not wait:
+            await self.journal.wait_for_room()  # a QoS 0 flood slows its senders down
             future = self.journal.append_nowait([record])
             future.add_done_callback(lambda f: counts.journaled_one() if not f.exception() else None)
             return None
