@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 
-.PHONY: run test check lint types docs bench system-deps clean
+.PHONY: run test check lint types docs bench bench-deps system-deps clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -53,8 +53,20 @@ docs: $(STAMP)
 ## check: lint + types + tests (the tests include the docs check)
 check: lint types test
 
-## bench: HTTP ingest benchmark against a bare Starlette reference, one summary line per run
-bench: $(STAMP) system-deps
+## bench-deps: the MQTT benchmark's reference servers, Debian mosquitto and nats-server (installed only when missing)
+bench-deps:
+	@missing=""; \
+	for cmd in mosquitto nats-server; do command -v $$cmd >/dev/null 2>&1 || missing="$$missing $$cmd"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing:$$missing"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null) \
+	      || { echo "could not install$$missing"; exit 1; }; \
+	  else echo "missing Debian packages:$$missing (run 'sudo make bench-deps')"; exit 1; fi; \
+	fi
+
+## bench: HTTP and MQTT ingest benchmarks against references (Starlette; mosquitto, nats-server); about 10 minutes
+bench: $(STAMP) system-deps bench-deps
 	$(BIN)/python bench/run.py
 
 clean:

@@ -1,7 +1,11 @@
-"""The HTTP ingest benchmark of Isthmus (``make bench``), against a bare Starlette reference.
+"""The ingest benchmarks of Isthmus (``make bench``): HTTP against Starlette, MQTT against mosquitto and nats-server.
 
-    .venv/bin/python bench/run.py [--duration 10] [--reps 3] [--devices 1000] [--conns 64]
+    .venv/bin/python bench/run.py [--suite http,mqtt] [--duration 10] [--reps 3] [--devices 1000] [--conns 64]
                                   [--rate 2000] [--only isthmus|reference] [--skip-latency] [--keep]
+                                  [--mqtt-duration 5] [--mqtt-reps N] [--mqtt-conns 1000] [--mqtt-inflight 10]
+                                  [--mqtt-rate 10000] [--idle-conns 10000] [--idle-hold 5] [--profile FILE]
+
+The suites run one after the other, each with its own servers. The HTTP suite (this file):
 
 1. Starts Isthmus (``python -m isthmus serve``) with a throw-away data directory and the default
    sinks (the SQL timeseries sink ``timeseries``), and the reference (``bench/ref_app.py`` under
@@ -17,8 +21,11 @@
 4. Prints one ``RESULT`` line per run and, at the end, a Markdown table (median [min-max] over the
    repetitions) with the machine description and the Isthmus / reference ratios.
 
-Progress goes to stderr; RESULT lines, the table and the notes to stdout. Everything runs on
-127.0.0.1, every wait is bounded, and both servers are stopped with SIGTERM at the end (Isthmus
+The MQTT suite is ``bench/mqtt_bench.py`` (its generator ``bench/mqtt_load.py``): idle connections,
+QoS 1 saturation, QoS 1 at a fixed rate and QoS 0 saturation against mosquitto and nats-server.
+
+Progress goes to stderr; RESULT lines, the tables and the notes to stdout. Everything runs on
+127.0.0.1, every wait is bounded, and every server is stopped with SIGTERM at the end (Isthmus
 must exit with status 0 within 10 s). See ``docs/benchmarks.md``.
 """
 
@@ -26,23 +33,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import importlib.metadata
 import json
 import os
-import platform
 import re
-import resource
 import shlex
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -50,127 +52,50 @@ from typing import Any
 
 import httpx
 
-from http_load import process_cpu_seconds
+import mqtt_bench
+from common import (
+    BENCH_DIR,
+    BUSY_OTHER_CPU,
+    DASH,
+    HOST,
+    STOP_TIMEOUT_S,
+    TIMES,
+    TIMESERIES_SINK,
+    BenchError,
+    Server,
+    cell,
+    clean_env,
+    commit_stats,
+    cpu_shares,
+    cpu_snapshot,
+    fmt_value,
+    free_port,
+    get_sinks,
+    journal_metrics,
+    log,
+    machine_line,
+    median_of,
+    mgmt_client,
+    numbers,
+    start_isthmus,
+    stop_server,
+    system_busy_seconds,
+    wait_drained,
+    wait_until_ready,
+)
 
-BENCH_DIR = Path(__file__).resolve().parent
 WRK_SCRIPT = BENCH_DIR / "wrk_post.lua"
 LOAD_CLIENT = BENCH_DIR / "http_load.py"
-HOST = "127.0.0.1"
 BODY = '{"temperature":21.5,"humidity":60,"battery":4.1,"rssi":-67,"fw":"1.4.2","seq":1234567}'
 POINTS_PER_MESSAGE = len(json.loads(BODY))
 TOKEN_FORMAT = "tok-%06d"
 NAME_FORMAT = "bench-%06d"
-TIMESERIES_SINK = "timeseries"
 WARMUP_S = 2
 LATENCY_WARMUP_S = 1.0
 PROVISION_CONCURRENCY = 16
-START_TIMEOUT_S = 60.0
-STOP_TIMEOUT_S = 10.0
-DRAIN_POLL_S = 0.1
+PROVISION_ATTEMPTS = 4
 TARGETS = ("reference", "isthmus")
-BUSY_OTHER_CPU = 20
-DASH = "\u2013"  # en dash, as in "median [min-max]"
-TIMES = "\u00d7"
-
-
-def log(message: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-class BenchError(Exception):
-    """The benchmark cannot go on (a server did not start, provisioning failed, wrk is missing …)."""
-
-
-# ----------------------------------------------------------------------------- servers
-
-
-@dataclass
-class Server:
-    """One server process under test."""
-
-    target: str
-    proc: subprocess.Popen[bytes]
-    port: int
-    log_path: Path
-    admin_token: str = ""
-
-    @property
-    def url(self) -> str:
-        return f"http://{HOST}:{self.port}"
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def log_tail(self, lines: int = 20) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
-
-    def check_alive(self) -> None:
-        code = self.proc.poll()
-        if code is not None:
-            raise BenchError(f"{self.target} exited with status {code}; its log ends with:\n{self.log_tail()}")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def clean_env() -> dict[str, str]:
-    """This environment without ISTHMUS_* variables, which would override the benchmark's config."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("ISTHMUS_")}
-
-
-def http_client(**kwargs: Any) -> httpx.Client:
-    return httpx.Client(trust_env=False, timeout=10.0, **kwargs)
-
-
-def wait_until_ready(server: Server, probe: Callable[[httpx.Client], bool]) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    with http_client(base_url=server.url) as client:
-        while time.monotonic() < deadline:
-            server.check_alive()
-            with contextlib.suppress(httpx.TransportError):
-                if probe(client):
-                    return
-            time.sleep(0.1)
-    raise BenchError(f"{server.target} did not answer within {START_TIMEOUT_S:.0f} s:\n{server.log_tail()}")
-
-
-def start_isthmus(workdir: Path) -> Server:
-    data_dir = workdir / "data"
-    port = free_port()
-    config = workdir / "isthmus.toml"
-    # json.dumps gives a valid TOML basic string for any path.
-    config.write_text(
-        f'data_dir = {json.dumps(str(data_dir))}\n[http]\nhost = "{HOST}"\nport = {port}\n[log]\nlevel = "warning"\n',
-        encoding="utf-8",
-    )
-    log_path = workdir / "isthmus.log"
-    with log_path.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "isthmus", "serve", "--config", str(config)],
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=clean_env(),
-        )
-    server = Server("isthmus", proc, port, log_path)
-    wait_until_ready(server, lambda c: c.get("/health").status_code == 200)
-    token_file = data_dir / "admin.token"
-    mode = token_file.stat().st_mode & 0o777
-    if mode != 0o600:
-        log(f"note: {token_file} has mode {mode:o}, expected 600")
-    server.admin_token = token_file.read_text(encoding="utf-8").strip()
-    if not server.admin_token:
-        raise BenchError(f"{token_file} is empty")
-    return server
+SUITES = ("http", "mqtt")
 
 
 def start_reference(workdir: Path) -> Server:
@@ -191,27 +116,15 @@ def start_reference(workdir: Path) -> Server:
     return server
 
 
-def stop_server(server: Server) -> tuple[int | None, float]:
-    """SIGTERM, then wait up to 10 s (SIGKILL after that). Returns (exit status or None, seconds)."""
-    if server.proc.poll() is not None:
-        return server.proc.returncode, 0.0
-    t0 = time.monotonic()
-    server.proc.send_signal(signal.SIGTERM)
-    try:
-        code: int | None = server.proc.wait(timeout=STOP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        code = None
-        server.proc.kill()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            server.proc.wait(timeout=5)
-    return code, time.monotonic() - t0
-
-
 # ----------------------------------------------------------------------------- Isthmus management API
 
 
-async def provision(server: Server, devices: int) -> list[tuple[int, int]]:
-    """Create ``devices`` physical + logical devices and map them; return their (p_uid, l_uid)."""
+async def provision(server: Server, devices: int, retries: list[str]) -> list[tuple[int, int]]:
+    """Create ``devices`` physical + logical devices and map them; return their (p_uid, l_uid).
+
+    A 503 (registry unavailable, e.g. "database is locked") is retried after 0.5, 1, 2 s; each
+    retry is appended to ``retries`` so that the run reports it.
+    """
     headers = {"Authorization": f"Bearer {server.admin_token}"}
     limits = httpx.Limits(max_connections=PROVISION_CONCURRENCY)
     uids: list[tuple[int, int]] = [(0, 0)] * devices
@@ -222,9 +135,15 @@ async def provision(server: Server, devices: int) -> list[tuple[int, int]]:
     ) as client:
 
         async def create(path: str, body: dict[str, Any]) -> dict[str, Any]:
-            response = await client.post(path, json=body)
-            if response.status_code != 201:
-                raise BenchError(f"POST {path} {body} -> {response.status_code} {response.text[:300]}")
+            for attempt in range(PROVISION_ATTEMPTS):
+                response = await client.post(path, json=body)
+                if response.status_code == 503 and attempt + 1 < PROVISION_ATTEMPTS:  # documented: retry later
+                    retries.append(f"{response.status_code} {response.text[:200]}")
+                    await asyncio.sleep(0.5 * 2**attempt)
+                    continue
+                if response.status_code != 201:
+                    raise BenchError(f"POST {path} {body} -> {response.status_code} {response.text[:300]}")
+                break
             result: dict[str, Any] = response.json()
             return result
 
@@ -240,63 +159,6 @@ async def provision(server: Server, devices: int) -> list[tuple[int, int]]:
 
         await asyncio.gather(*(worker() for _ in range(PROVISION_CONCURRENCY)))
     return uids
-
-
-_COMMIT_METRICS = re.compile(r"^(isthmus_journal_commit_(?:seconds|records)_(?:sum|count)) (\S+)$", re.M)
-
-
-def journal_metrics(client: httpx.Client) -> dict[str, float]:
-    """The journal's group-commit counters from ``GET /metrics`` (empty if they are not there)."""
-    response = client.get("/metrics")
-    if response.status_code != 200:
-        return {}
-    return {name: float(value) for name, value in _COMMIT_METRICS.findall(response.text)}
-
-
-def commit_stats(m0: dict[str, float], m1: dict[str, float], seconds: float) -> dict[str, float | None]:
-    """Group commits per second, mean commit time and mean records per commit between two scrapes."""
-
-    def delta(name: str) -> float | None:
-        if name not in m0 or name not in m1:
-            return None
-        return m1[name] - m0[name]
-
-    commits = delta("isthmus_journal_commit_seconds_count")
-    busy = delta("isthmus_journal_commit_seconds_sum")
-    records = delta("isthmus_journal_commit_records_sum")
-    if not commits or busy is None or records is None:
-        return {"commits_per_s": None, "commit_ms": None, "records_per_commit": None}
-    return {
-        "commits_per_s": commits / seconds,
-        "commit_ms": 1000 * busy / commits,
-        "records_per_commit": records / commits,
-    }
-
-
-def get_sinks(server: Server, client: httpx.Client) -> dict[str, dict[str, Any]]:
-    response = client.get("/mgmt/sinks")
-    if response.status_code != 200:
-        raise BenchError(f"GET /mgmt/sinks -> {response.status_code} {response.text[:300]}")
-    return {s["name"]: s for s in response.json()}
-
-
-def wait_drained(server: Server, client: httpx.Client, timeout: float, sink: str | None = None) -> float | None:
-    """Poll until ``sink`` (or every sink) has lag 0; seconds waited, or None on timeout."""
-    t0 = time.monotonic()
-    while True:
-        server.check_alive()
-        sinks = get_sinks(server, client)
-        lags = [s["lag"] for name, s in sinks.items() if sink is None or name == sink]
-        now = time.monotonic()
-        if all(lag == 0 for lag in lags):
-            return now - t0
-        if now - t0 > timeout:
-            return None
-        time.sleep(DRAIN_POLL_S)
-
-
-def mgmt_client(server: Server) -> httpx.Client:
-    return http_client(base_url=server.url, headers={"Authorization": f"Bearer {server.admin_token}"})
 
 
 def check_storage(server: Server, l_uid: int) -> None:
@@ -315,44 +177,6 @@ def check_storage(server: Server, l_uid: int) -> None:
         points = client.get("/mgmt/timeseries", params={"l_uid": l_uid, "limit": 100})
         if points.status_code != 200 or len(points.json()) != POINTS_PER_MESSAGE:
             raise BenchError(f"GET /mgmt/timeseries?l_uid={l_uid} -> {points.status_code} {points.text[:300]}")
-
-
-# ----------------------------------------------------------------------------- CPU accounting
-
-
-@dataclass(frozen=True)
-class CpuSnapshot:
-    wall: float
-    server: float
-    children: float
-    system_busy: float
-
-
-def system_busy_seconds() -> float:
-    """CPU seconds every core spent not idle since boot (/proc/stat)."""
-    with open("/proc/stat", encoding="ascii") as fh:
-        values = [int(x) for x in fh.readline().split()[1:9]]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = values
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-def cpu_snapshot(pid: int) -> CpuSnapshot:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return CpuSnapshot(
-        wall=time.monotonic(),
-        server=process_cpu_seconds(pid) or 0.0,
-        children=usage.ru_utime + usage.ru_stime,
-        system_busy=system_busy_seconds(),
-    )
-
-
-def cpu_shares(a: CpuSnapshot, b: CpuSnapshot) -> dict[str, float]:
-    """% of one core between two snapshots: the server, the load generator, everything else."""
-    wall = max(b.wall - a.wall, 1e-9)
-    server = 100 * (b.server - a.server) / wall
-    load = 100 * (b.children - a.children) / wall
-    busy = 100 * (b.system_busy - a.system_busy) / wall
-    return {"server_cpu": server, "load_cpu": load, "other_cpu": max(0.0, busy - server - load)}
 
 
 # ----------------------------------------------------------------------------- wrk
@@ -540,77 +364,11 @@ class Bench:
         return max(60.0, 10.0 * float(self.args.duration))
 
 
-def fmt_value(value: Any) -> str:
-    if value is None or value == "":
-        return "na"
-    if isinstance(value, float):
-        if abs(value) >= 100:
-            return f"{value:.0f}"
-        return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
-    return str(value)
-
-
-# ----------------------------------------------------------------------------- summary
-
-
-def fmt_num(x: float) -> str:
-    if x == 0:
-        return "0"
-    if abs(x) >= 1000:
-        return f"{x:,.0f}"
-    if abs(x) >= 100:
-        return f"{x:.0f}"
-    if abs(x) >= 10:
-        return f"{x:.1f}"
-    return f"{x:.2f}" if abs(x) >= 1 else f"{x:.3f}"
-
-
-def numbers(values: Iterable[Any]) -> list[float]:
-    return [float(v) for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
-
-
-def cell(values: Iterable[Any]) -> str:
-    nums = numbers(values)
-    if not nums:
-        return DASH
-    med, low, high = fmt_num(statistics.median(nums)), fmt_num(min(nums)), fmt_num(max(nums))
-    return med if low == high else f"{med} [{low}{DASH}{high}]"
-
-
-def median_of(rows: list[dict[str, Any]], key: str) -> float | None:
-    nums = numbers(r.get(key) for r in rows)
-    return statistics.median(nums) if nums else None
-
-
 def cpu_us_per_request(row: dict[str, Any]) -> float | None:
     cpu, rps = row.get("server_cpu"), row.get("rps")
     if not isinstance(cpu, int | float) or not isinstance(rps, int | float) or rps <= 0:
         return None
     return cpu / 100 / rps * 1e6
-
-
-def machine_line() -> str:
-    model = "unknown CPU"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
-        for line in fh:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    nproc = len(os.sched_getaffinity(0))
-    versions = []
-    for dist in ("uvicorn", "starlette", "uvloop", "httptools", "msgspec"):
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            versions.append(f"{dist} {importlib.metadata.version(dist)}")
-    wrk = "wrk ?"
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        first = subprocess.run(["wrk", "-v"], capture_output=True, text=True, timeout=10, check=False).stdout
-        found = re.search(r"wrk (?:\S+/)?(\d[\w.+~-]*)", first)
-        wrk = f"wrk {found[1]}" if found else wrk
-    isthmus = importlib.metadata.version("isthmus")
-    return (
-        f"nproc {nproc}, {model}, Linux {platform.release()}, Python {platform.python_version()}; "
-        f"Isthmus {isthmus}, {', '.join(versions)}, {wrk}"
-    )
 
 
 def summary(bench: Bench, command: str, loadavg: str) -> str:
@@ -686,33 +444,77 @@ def ratio_lines(groups: dict[tuple[str, str], list[dict[str, Any]]], args: argpa
 # ----------------------------------------------------------------------------- main
 
 
+def comma_list(choices: tuple[str, ...]) -> Callable[[str], list[str]]:
+    """An argparse type: a comma-separated subset of ``choices``."""
+
+    def parse(text: str) -> list[str]:
+        items = [item.strip() for item in text.split(",") if item.strip()]
+        unknown = [item for item in items if item not in choices]
+        if unknown or not items:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(choices)}")
+        return items
+
+    return parse
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--duration", type=int, default=10, help="measured seconds per run (default 10)")
+    ap.add_argument("--suite", type=comma_list(SUITES), default=list(SUITES), help="http,mqtt (default both)")
+    ap.add_argument("--duration", type=int, default=10, help="HTTP: measured seconds per run (default 10)")
     ap.add_argument("--reps", type=int, default=3, help="repetitions of every run (default 3)")
-    ap.add_argument("--devices", type=int, default=1000, help="devices provisioned and cycled over (default 1000)")
-    ap.add_argument("--conns", type=int, default=64, help="keep-alive connections (default 64)")
-    ap.add_argument("--rate", type=float, default=2000.0, help="requests/s of the latency runs (default 2000)")
-    ap.add_argument("--only", choices=TARGETS, help="measure only this target")
-    ap.add_argument("--skip-latency", action="store_true", help="skip the fixed-rate latency runs")
+    ap.add_argument("--devices", type=int, default=1000, help="HTTP: devices provisioned and cycled over (1000)")
+    ap.add_argument("--conns", type=int, default=64, help="HTTP: keep-alive connections (default 64)")
+    ap.add_argument("--rate", type=float, default=2000.0, help="HTTP: requests/s of the latency runs (default 2000)")
+    ap.add_argument("--only", choices=TARGETS, help="only Isthmus, or only the references (both suites)")
+    ap.add_argument("--skip-latency", action="store_true", help="HTTP: skip the fixed-rate latency runs")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory (Isthmus's data, logs)")
+    mqtt = ap.add_argument_group("MQTT suite")
+    mqtt.add_argument("--mqtt-duration", type=float, default=5.0, help="measured seconds per run (default 5)")
+    mqtt.add_argument("--mqtt-reps", type=int, default=None, help="repetitions (default: --reps)")
+    mqtt.add_argument("--mqtt-conns", type=int, default=1000, help="connections of the loaded runs (default 1000)")
+    mqtt.add_argument("--mqtt-inflight", type=int, default=10, help="QoS 1 PUBLISHes in flight per connection (10)")
+    mqtt.add_argument("--mqtt-rate", type=float, default=10000.0, help="msg/s of the QoS 1 latency runs (10000)")
+    mqtt.add_argument("--idle-conns", type=int, default=10000, help="idle connections (default 10000; 0: skip)")
+    mqtt.add_argument("--idle-hold", type=float, default=5.0, help="seconds the idle connections are held (5)")
+    mqtt.add_argument("--mqtt-targets", type=comma_list(mqtt_bench.TARGETS), default=list(mqtt_bench.TARGETS),
+                      help="mosquitto,nats,isthmus (default all)")  # fmt: skip
+    mqtt.add_argument("--mqtt-loads", type=comma_list(mqtt_bench.LOADS), default=list(mqtt_bench.LOADS),
+                      help="idle,qos1,rate,qos0 (default all)")  # fmt: skip
+    mqtt.add_argument("--profile", type=Path, default=None,
+                      help="then profile Isthmus under QoS 1 saturation with py-spy into this file")  # fmt: skip
     args = ap.parse_args(argv)
-    if not 1 <= args.duration <= 600 or not 1 <= args.reps <= 50:
-        ap.error("need 1 <= --duration <= 600 and 1 <= --reps <= 50")
+    if args.mqtt_reps is None:
+        args.mqtt_reps = args.reps
+    if not 1 <= args.duration <= 600 or not 1 <= args.reps <= 50 or not 1 <= args.mqtt_reps <= 50:
+        ap.error("need 1 <= --duration <= 600, 1 <= --reps <= 50 and 1 <= --mqtt-reps <= 50")
     if not 1 <= args.devices <= 1_000_000 or not 1 <= args.conns <= 10_000 or not 0 < args.rate <= 1_000_000:
         ap.error("need 1 <= --devices <= 1e6, 1 <= --conns <= 10000, 0 < --rate <= 1e6")
+    if not 0 < args.mqtt_duration <= 600 or not 1 <= args.mqtt_conns <= 20_000 or not 1 <= args.mqtt_inflight <= 1000:
+        ap.error("need 0 < --mqtt-duration <= 600, 1 <= --mqtt-conns <= 20000, 1 <= --mqtt-inflight <= 1000")
+    if not 0 < args.mqtt_rate <= 1_000_000 or not 0 <= args.idle_conns <= 20_000 or not 0 < args.idle_hold <= 600:
+        ap.error("need 0 < --mqtt-rate <= 1e6, 0 <= --idle-conns <= 20000, 0 < --idle-hold <= 600")
+    if args.only == "isthmus":
+        args.mqtt_targets = ["isthmus"]
+    elif args.only == "reference":
+        args.mqtt_targets = [t for t in args.mqtt_targets if t != "isthmus"] or list(mqtt_bench.REFERENCES)
     return args
 
 
 def command_line(args: argparse.Namespace) -> str:
-    parts = [
-        "python", "bench/run.py", "--duration", str(args.duration), "--reps", str(args.reps),
-        "--devices", str(args.devices), "--conns", str(args.conns), "--rate", f"{args.rate:g}",
-    ]  # fmt: skip
+    parts = ["python", "bench/run.py"]
+    if args.suite != list(SUITES):
+        parts += ["--suite", ",".join(args.suite)]
+    if "http" in args.suite:
+        parts += [
+            "--duration", str(args.duration), "--reps", str(args.reps), "--devices", str(args.devices),
+            "--conns", str(args.conns), "--rate", f"{args.rate:g}",
+        ]  # fmt: skip
+        if args.skip_latency:
+            parts.append("--skip-latency")
+    if "mqtt" in args.suite:
+        parts += mqtt_bench.command_parts(args)
     if args.only:
         parts += ["--only", args.only]
-    if args.skip_latency:
-        parts.append("--skip-latency")
     return shlex.join(parts)
 
 
@@ -720,21 +522,9 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if shutil.which("wrk") is None:
-        print("wrk not found: run 'make system-deps' (Debian package wrk)", file=sys.stderr)
-        return 2
-    signal.signal(signal.SIGTERM, _terminate)
+def run_http(args: argparse.Namespace, workdir: Path) -> Bench:
+    """The HTTP suite: Isthmus and the Starlette reference, saturation and fixed rate, alternating."""
     targets = [t for t in TARGETS if args.only in (None, t)]
-    loadavg = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    t0, busy0 = time.monotonic(), system_busy_seconds()
-    time.sleep(1.0)
-    idle_check = 100 * (system_busy_seconds() - busy0) / (time.monotonic() - t0)
-    loadavg += f"; {idle_check:.0f} % of a core busy just before"
-    if idle_check > BUSY_OTHER_CPU:
-        log(f"warning: the machine is busy ({idle_check:.0f} % of a core in use before the start); figures will be low")
-    workdir = Path(tempfile.mkdtemp(prefix="isthmus-bench-"))
     bench = Bench(args, {})
     try:
         if "isthmus" in targets:
@@ -742,8 +532,14 @@ def main(argv: list[str] | None = None) -> int:
             isthmus = start_isthmus(workdir)
             bench.servers["isthmus"] = isthmus
             t0 = time.monotonic()
-            uids = asyncio.run(provision(isthmus, args.devices))
+            retries: list[str] = []
+            uids = asyncio.run(provision(isthmus, args.devices, retries))
             took = time.monotonic() - t0
+            if retries:
+                bench.notes.append(
+                    f"provisioning through the management API needed {len(retries)} retries after a 503; "
+                    f"the first: {retries[0]}"
+                )
             log(f"provisioned {args.devices} devices in {took:.1f} s ({args.devices / took:.0f} devices/s)")
             bench.facts.append(
                 f"Provisioning {args.devices:,} devices through the management API ({PROVISION_CONCURRENCY} in "
@@ -763,11 +559,11 @@ def main(argv: list[str] | None = None) -> int:
     except BenchError as exc:
         log(f"error: {exc}")
         bench.failed = True
-        bench.notes.append(f"aborted: {exc}")
+        bench.notes.append(f"HTTP suite aborted: {exc}")
     except KeyboardInterrupt:
         log("interrupted")
         bench.failed = True
-        bench.notes.append("interrupted: the figures are incomplete")
+        bench.notes.append("interrupted: the HTTP figures are incomplete")
     finally:
         for target, server in bench.servers.items():
             code, took = stop_server(server)
@@ -787,24 +583,71 @@ def main(argv: list[str] | None = None) -> int:
                 bench.notes.append(
                     f"Isthmus logged {len(lines)} lines at warning or above; the first: {lines[0][:300]}"
                 )
-        if args.keep:
-            log(f"kept {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
-    if bench.results:
-        print(summary(bench, command_line(args), loadavg), flush=True)
     busy = [r for r in bench.results if (r.get("other_cpu") or 0) > BUSY_OTHER_CPU]
     if busy:
         worst = max(r["other_cpu"] for r in busy)
         bench.notes.append(
-            f"in {len(busy)} of {len(bench.results)} runs other processes used more than {BUSY_OTHER_CPU} % of a "
-            f"core (up to {worst:.0f} %): the machine was not idle, those figures are low and noisy"
+            f"in {len(busy)} of {len(bench.results)} HTTP runs other processes used more than {BUSY_OTHER_CPU} % of "
+            f"a core (up to {worst:.0f} %): the machine was not idle, those figures are low and noisy"
         )
-    if bench.notes:
+    return bench
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if "http" in args.suite and shutil.which("wrk") is None:
+        print("wrk not found: run 'make system-deps' (Debian package wrk)", file=sys.stderr)
+        return 2
+    if "mqtt" in args.suite and (missing := mqtt_bench.check_tools(args.mqtt_targets)):
+        print(missing, file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, _terminate)
+    loadavg = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    t0, busy0 = time.monotonic(), system_busy_seconds()
+    time.sleep(1.0)
+    idle_check = 100 * (system_busy_seconds() - busy0) / (time.monotonic() - t0)
+    loadavg += f"; {idle_check:.0f} % of a core busy just before"
+    if idle_check > BUSY_OTHER_CPU:
+        log(f"warning: the machine is busy ({idle_check:.0f} % of a core in use before the start); figures will be low")
+    workdir = Path(tempfile.mkdtemp(prefix="isthmus-bench-"))
+    command = command_line(args)
+    http: Bench | None = None
+    mqtt: mqtt_bench.MqttBench | None = None
+    try:
+        if "http" in args.suite:
+            http = run_http(args, workdir)
+        if "mqtt" in args.suite:
+            mqtt = mqtt_bench.run_suite(args, workdir)
+    finally:
+        if args.keep:
+            log(f"kept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    notes: list[str] = []
+    if http is not None:
+        if http.results:
+            print("\n### HTTP\n" + summary(http, command, loadavg), flush=True)
+        notes += http.notes
+    if mqtt is not None:
+        if mqtt.results:
+            print("\n### MQTT\n" + mqtt_bench.summary(mqtt, command, loadavg), flush=True)
+        busy = [r for r in mqtt.results if (r.get("other_cpu") or 0) > BUSY_OTHER_CPU]
+        if busy:
+            mqtt.notes.append(
+                f"in {len(busy)} of {len(mqtt.results)} MQTT runs other processes used more than {BUSY_OTHER_CPU} % "
+                f"of a core (up to {max(r['other_cpu'] for r in busy):.0f} %): the machine was not idle"
+            )
+        notes += mqtt.notes
+        if args.profile is not None and args.profile.exists():
+            print(f"\nProfile of Isthmus under QoS 1 saturation ({args.profile}):", flush=True)
+            for line in mqtt_bench.profile_summary(args.profile):
+                print(f"    {line}", flush=True)
+    if notes:
         print("\nNotes:", flush=True)
-        for note in bench.notes:
+        for note in notes:
             print(f"* {note}", flush=True)
-    return 1 if bench.failed else 0
+    failed = (http is not None and http.failed) or (mqtt is not None and mqtt.failed)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
