@@ -488,7 +488,11 @@ class SQLiteJournal:
         fn: Callable[[sqlite3.Connection], Any] | None,
         size: int = 1,
         rows: list[tuple[Any, ...]] | None = None,
+        *,
+        counted: bool = False,
     ) -> Any:
+        if counted:  # append_nowait counted these rows already
+            self._queued_rows -= size
         self._check_open()
         loop = self._loop
         if loop is None:
@@ -528,9 +532,18 @@ class SQLiteJournal:
         The returned future resolves like :meth:`append`; callers may ignore it.
         """
         self._check_open()
+        rows = [_record_row(r) for r in records]
+        # Counted at once, so that wait_for_room sees records whose task has not run yet.
+        self._queued_rows += len(rows)
         # A task, not a direct enqueue: records of one connection then keep their order with
         # the waited submits (tasks too) started before them.
-        return asyncio.ensure_future(self.append(records))
+        return asyncio.ensure_future(self._append_rows(rows))
+
+    async def _append_rows(self, rows: list[tuple[Any, ...]]) -> list[int]:
+        if not rows:
+            return []
+        result: list[int] = await self._submit(None, len(rows), rows, counted=True)
+        return result
 
     async def wait_for_append(self, after: int, wait: float) -> bool:
         """Wait up to ``wait`` s until a record with ``seq > after`` is committed; true if there is one."""
