@@ -246,6 +246,11 @@ class MqttServerOptions(PluginConfig):
         default_factory=RateOptions,
         description="Per-connection PUBLISH rate limit; see `rate_per_second` and `burst`.",
     )
+    device_rate: RateOptions | None = Field(
+        None,
+        description="Per-device PUBLISH rate limit, one bucket shared by all connections of a device (a device "
+        "opening several connections, or reconnecting, cannot multiply `rate`); null: none.",
+    )
     connect_timeout: float = Field(
         10.0,
         gt=0,
@@ -494,6 +499,9 @@ class MqttServer:
         self.ssl_context = _ssl_context(options) if options.tls_port is not None else None
         self.rate = options.rate.rate_per_second
         self.burst = float(options.rate.burst)
+        self.device_rate = options.device_rate
+        self.device_buckets: dict[int, list[float]] = {}
+        """Per-device token buckets (``device_rate``): uid -> [tokens, last refill time]."""
         self.max_inflight = options.max_inflight
         self.resume_below = max(options.max_inflight // 2, 1)
         self.connack_properties: dict[str, int] = {"maximum_packet_size": options.max_packet_size}
@@ -1319,17 +1327,26 @@ class _Connection(asyncio.Protocol):
                     self._ack(_Slot(publish.packet_id, 2), done=True)
                 return
         # Rate limit: a token bucket refilled at `rate_per_second`, `burst` deep.
-        tokens = min(server.burst, self._tokens + (self._last_rx - self._refill_at) * server.rate)
-        self._refill_at = self._last_rx
+        now = self._last_rx
+        tokens = min(server.burst, self._tokens + (now - self._refill_at) * server.rate)
+        self._refill_at = now
         if tokens < 1.0:
             self._tokens = tokens
-            server.metrics.rejected("rate_limited")
-            if self._version == 5 and qos:
-                self._ack(_Slot(publish.packet_id, qos), done=True, code=RC_RATE_TOO_HIGH)
-            else:
-                self._close(RC_RATE_TOO_HIGH, "rate_limited", will=True, linger=True)
+            self._rate_limited(publish)
             return
         self._tokens = tokens - 1.0
+        device_rate = server.device_rate
+        if device_rate is not None and self._device is not None:
+            bucket = server.device_buckets.get(self._device.p_uid)
+            if bucket is None:
+                bucket = server.device_buckets[self._device.p_uid] = [float(device_rate.burst), now]
+            tokens = min(float(device_rate.burst), bucket[0] + (now - bucket[1]) * device_rate.rate_per_second)
+            bucket[1] = now
+            if tokens < 1.0:
+                bucket[0] = tokens
+                self._rate_limited(publish)
+                return
+            bucket[0] = tokens - 1.0
         route = server.route(publish.topic, self._device)
         if route is None:
             if self._device is not None and self._on_request(publish, self._device):
@@ -1356,6 +1373,14 @@ class _Connection(asyncio.Protocol):
         intake.append((publish, route, slot))
         if self._intake_task is None:
             self._intake_task = self._loop.create_task(self._run_intake())
+
+    def _rate_limited(self, publish: Publish) -> None:
+        """Refuse a PUBLISH over a rate limit: MQTT 5 0x96 for QoS 1/2, else disconnect."""
+        self._server.metrics.rejected("rate_limited")
+        if self._version == 5 and publish.qos:
+            self._ack(_Slot(publish.packet_id, publish.qos), done=True, code=RC_RATE_TOO_HIGH)
+        else:
+            self._close(RC_RATE_TOO_HIGH, "rate_limited", will=True, linger=True)
 
     # ------------------------------------------------------------------ journaling and acks
 

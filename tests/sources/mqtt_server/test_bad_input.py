@@ -167,6 +167,25 @@ async def test_exceeding_the_rate_limit(mqtt_factory: object, version: int) -> N
     await mqtt.works(token)
 
 
+async def test_the_device_rate_limit_is_shared_by_all_connections_of_a_device(mqtt_factory: object) -> None:
+    mqtt: MqttInstance = await mqtt_factory(  # type: ignore[operator]
+        rate={"rate_per_second": 1000, "burst": 1000}, device_rate={"rate_per_second": 0.1, "burst": 3}
+    )
+    token = await _fresh(mqtt)
+    first, second = await mqtt.raw(), await mqtt.raw()
+    assert await first.connect(5, token, client_id="one") == 0
+    assert await second.connect(5, token, client_id="two") == 0
+    await first.send(b"".join(encode_publish(TELEMETRY, b'{"n": 1}', 1, i, version=5) for i in (1, 2)))
+    assert [await first.ack(), await first.ack()] == [(PUBACK, 1, 0), (PUBACK, 2, 0)]
+    # The second connection has a full bucket of its own, but the device has one message left.
+    await second.send(b"".join(encode_publish(TELEMETRY, b'{"n": 2}', 1, i, version=5) for i in (1, 2)))
+    assert [await second.ack(), await second.ack()] == [(PUBACK, 1, 0), (PUBACK, 2, 0x96)]
+    assert len(await mqtt.records()) == 3
+    # Another device is not affected.
+    other = await mqtt.device("other", token="other-device-token")
+    await mqtt.works(other.token)
+
+
 @pytest.mark.parametrize(("version", "code"), [(4, 3), (5, 0x97)])
 async def test_max_connections_refuses_further_clients(mqtt_factory: object, version: int, code: int) -> None:
     mqtt: MqttInstance = await mqtt_factory(max_connections=1)  # type: ignore[operator]
