@@ -618,16 +618,7 @@ class RegistryStore:
         )
         with self._tx("list device tokens", write=False) as conn:
             return [
-                (
-                    str(token),
-                    DeviceRef(
-                        p_uid=int(uid),
-                        name=name,
-                        source_name=source,
-                        decoder=decoder,
-                        gateway=isinstance(props, dict) and props.get("gateway") is True,
-                    ),
-                )
+                (str(token), _hot_ref(uid, name, source, decoder, props))
                 for uid, token, name, source, decoder, props in conn.execute(query)
             ]
 
@@ -714,17 +705,7 @@ class RegistryStore:
             query = query.where(table.c.uid == p_uid)
         with self._tx("list device credentials", write=False) as conn:
             return [
-                (
-                    str(username_),
-                    str(password_hash),
-                    DeviceRef(
-                        p_uid=int(uid),
-                        name=name,
-                        source_name=source,
-                        decoder=decoder,
-                        gateway=isinstance(props, dict) and props.get("gateway") is True,
-                    ),
-                )
+                (str(username_), str(password_hash), _hot_ref(uid, name, source, decoder, props))
                 for username_, password_hash, uid, name, source, decoder, props in conn.execute(query)
             ]
 
@@ -1277,3 +1258,14 @@ class RegistryStore:
         except Conflict:  # another process created it between our check and our insert
             return None
         return token
+
+
+def _hot_ref(uid: Any, name: str, source: str, decoder: str | None, properties: Any) -> DeviceRef:
+    """The hot-path view of a device row (the gateway flag is its ``"gateway": true`` property)."""
+    return DeviceRef(
+        p_uid=int(uid),
+        name=name,
+        source_name=source,
+        decoder=decoder,
+        gateway=isinstance(properties, dict) and properties.get("gateway") is True,
+    )

@@ -50,6 +50,11 @@ class RawClient:
 
     async def packet(self, timeout: float = 5.0) -> tuple[int, bytes]:
         """The next packet as ``(packet type, body)``; raises EOFError when the server closed."""
+        b0, body = await self.raw_packet(timeout)
+        return b0 >> 4, body
+
+    async def raw_packet(self, timeout: float = 5.0) -> tuple[int, bytes]:
+        """The next packet as ``(first byte, body)`` (type and flags); EOFError when the server closed."""
         async with asyncio.timeout(timeout):
             try:
                 b0 = (await self.reader.readexactly(1))[0]
@@ -63,7 +68,7 @@ class RawClient:
                 body = await self.reader.readexactly(length)
             except asyncio.IncompleteReadError:
                 raise EOFError("server closed the connection") from None
-        return b0 >> 4, body
+        return b0, body
 
     async def connect(
         self,

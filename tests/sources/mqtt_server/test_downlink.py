@@ -73,21 +73,13 @@ def parse_publish(body: bytes, b0: int, version: int = 5) -> tuple[str, int, int
     return topic, qos, packet_id, body[p:], bool(b0 & 8)
 
 
-async def next_publish(client: RawClient, timeout: float = 5.0) -> tuple[str, int, int, bytes, bool]:
+async def next_publish(client: RawClient, timeout: float = 5.0, version: int = 5) -> tuple[str, int, int, bytes, bool]:
     """Read packets until a PUBLISH arrives; return it parsed."""
     async with asyncio.timeout(timeout):
         while True:
-            b0 = (await client.reader.readexactly(1))[0]
-            length, shift = 0, 0
-            while True:
-                b = (await client.reader.readexactly(1))[0]
-                length |= (b & 0x7F) << shift
-                shift += 7
-                if b < 0x80:
-                    break
-            body = await client.reader.readexactly(length)
+            b0, body = await client.raw_packet()
             if b0 >> 4 == PUBLISH:
-                return parse_publish(body, b0)
+                return parse_publish(body, b0, version)
 
 
 async def _token(mqtt: MqttInstance, name: str, **extra: Any) -> tuple[int, str]:
@@ -232,12 +224,7 @@ async def test_a_non_json_rpc_response_is_returned_as_text(mqtt: MqttInstance) -
     await subscribe(client, RPC_FILTER, version=4)
 
     async def answer() -> None:
-        b0 = 0
-        async with asyncio.timeout(5):
-            while b0 >> 4 != PUBLISH:
-                b0 = (await client.reader.readexactly(1))[0]
-                body = await client.reader.readexactly((await client.reader.readexactly(1))[0])
-        topic, _, packet_id, _, _ = parse_publish(body, b0, version=4)
+        topic, _, packet_id, _, _ = await next_publish(client, version=4)
         await client.send(encode_puback(packet_id, 4))
         await client.send(encode_publish(topic.replace("request", "response"), b"done", 0, 0, version=4))
 
@@ -296,12 +283,7 @@ async def test_persistent_session_keeps_subscriptions_and_queues_rpc_while_offli
 
     again = await mqtt.raw()
     assert await connect(again, token, version=version, client_id="p", clean=False, expiry=600) == (True, 0)
-    b0 = 0
-    async with asyncio.timeout(5):
-        while b0 >> 4 != PUBLISH:
-            b0 = (await again.reader.readexactly(1))[0]
-            body = await again.reader.readexactly((await again.reader.readexactly(1))[0])
-    topic, qos, _, payload, _ = parse_publish(body, b0, version)
+    topic, qos, _, payload, _ = await next_publish(again, version=version)
     assert topic.startswith("v1/devices/me/rpc/request/") and qos == 1
     assert msgspec.json.decode(payload)["method"] == "queued"
     assert mqtt.rt.downlink.state(uid).online
