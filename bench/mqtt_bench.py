@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import os
 import re
 import shlex
 import shutil
@@ -424,6 +425,9 @@ class MqttBench:
                 before = get_sinks(target.server, client)[TIMESERIES_SINK]
                 counters0, m0 = isthmus_counters(client), journal_metrics(client)
             stored0 = nats_stored(target) if target_name == "nats" else None
+            # Write back what earlier runs left dirty (nats-server's stream files, the journal's WAL):
+            # otherwise that write-back competes with the fsyncs of whichever target runs next.
+            os.sync()
             spy = start_profiler(target.pid, profile, window) if profile else None
             t_launch = time.monotonic()
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=window + GENERATOR_SLACK_S, check=False)
