@@ -18,6 +18,7 @@ A plugin (source, decoder, sink) imports only :mod:`isthmus.message`, this modul
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -326,6 +327,22 @@ class Journal(Protocol):
 
         Concurrent calls are group-committed (many records, one commit). Raises
         :class:`~isthmus.errors.JournalError` if they could not be stored; then none of them is.
+        """
+        ...
+
+    def append_nowait(self, records: Sequence[Record]) -> asyncio.Future[list[int]]:
+        """Queue ``records`` for the next group commit without waiting (fire-and-forget, QoS 0).
+
+        The future resolves like :meth:`append`; callers may ignore it. Records appended this
+        way from one task keep their order with that task's other appends.
+        """
+        ...
+
+    async def wait_for_room(self) -> None:
+        """Return once the journal can take more fire-and-forget records (at once, normally).
+
+        Bounds what :meth:`append_nowait` may queue: callers wait here first, so that a flood
+        slows its senders instead of filling memory.
         """
         ...
 

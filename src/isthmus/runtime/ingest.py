@@ -15,8 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from isthmus.errors import DecodeError
-from isthmus.interfaces import Decoder, DeviceDirectory, DeviceRef, IngestResult
-from isthmus.journal.sqlite import SQLiteJournal
+from isthmus.interfaces import Decoder, DeviceDirectory, DeviceRef, IngestResult, Journal
 from isthmus.message import Message, Point, RawFrame, Record, Status
 from isthmus.runtime.metrics import Metrics
 
@@ -81,7 +80,7 @@ class IngestService:
 
     def __init__(
         self,
-        journal: SQLiteJournal,
+        journal: Journal,
         directory: DeviceDirectory,
         decoders: Mapping[str, Decoder],
         default_decoder: str,
