@@ -7,6 +7,14 @@
   store anything (the device should retry).
 * ``GET /api/v1/{token}/attributes?clientKeys=a,b&sharedKeys=c``: the device's latest client
   attributes and the shared attributes set by operators, ``{"client": {…}, "shared": {…}}``.
+* The way back, by long polling (``timeout`` in milliseconds, default 20,000, at most 300,000):
+  ``GET /api/v1/{token}/attributes/updates?timeout=…`` answers the next shared-attribute update
+  ``{"key": value, …}``; ``GET /api/v1/{token}/rpc?timeout=…`` the next server-side RPC request
+  ``{"id", "method", "params"}``; both 408 when nothing came in time. While a poll waits, the
+  device is online and reachable through the :class:`~isthmus.interfaces.Downlink`.
+  ``POST /api/v1/{token}/rpc/{id}`` answers request ``id`` (404 when nobody waits for it);
+  ``POST /api/v1/{token}/rpc`` with ``{"method", "params"}`` is a client-side RPC, answered in the
+  response body.
 
 This path runs for every device request, so it is plain ASGI: no routing framework, no
 dependency injection, no response models (``docs/decisions/0002-device-http-path.md``).
@@ -14,6 +22,7 @@ dependency injection, no response models (``docs/decisions/0002-device-http-path
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -23,7 +32,7 @@ from urllib.parse import parse_qs
 import msgspec
 
 from isthmus.errors import JournalError
-from isthmus.interfaces import DeviceDirectory
+from isthmus.interfaces import DeviceDirectory, DeviceRef, Downlink
 from isthmus.message import Kind, RawFrame, Status, new_correlation_id, utcnow
 from isthmus.runtime.ingest import IngestService
 from isthmus.runtime.metrics import Metrics
@@ -66,10 +75,12 @@ class DeviceAPI:
         attributes: AttributeStore,
         metrics: Metrics,
         max_payload: int,
+        downlink: Downlink,
     ) -> None:
         self.ingest = ingest
         self.directory = directory
         self.attributes = attributes
+        self.downlink = downlink
         self.max_payload = max_payload
         self._rejected = metrics.frames_rejected
         self._unauthorized = error_body("unauthorized", "unknown or revoked device token")
@@ -78,6 +89,9 @@ class DeviceAPI:
         """Handle one HTTP request (``scope["type"] == "http"`` is assumed)."""
         parts = scope["path"].split("/")
         # ['', 'api', 'v1', token, endpoint]
+        if len(parts) >= 5 and parts[3] and (parts[4] == "rpc" or parts[4:] == ["attributes", "updates"]):
+            await self._downlink(scope, receive, send, parts[3], parts[4:])
+            return
         if len(parts) != 5 or parts[4] not in ("telemetry", "attributes") or not parts[3]:
             await _respond(send, 404, error_body("not_found", f"no device endpoint at {scope['path']}"))
             return
@@ -175,6 +189,101 @@ class DeviceAPI:
         if both_absent or shared_keys is not None:
             result["shared"] = await self.attributes.get(device.p_uid, "shared", shared_keys)
         await _respond(send, 200, _encoder.encode(result))
+
+    # ------------------------------------------------------------------ the way back
+
+    async def _downlink(self, scope: Scope, receive: Receive, send: Send, token: str, rest: list[str]) -> None:
+        method = scope["method"]
+        device = self.directory.by_token(token)
+        if device is None:
+            await _drain(receive, self.max_payload)
+            await _respond(send, 401, self._unauthorized)
+            return
+        if method == "GET" and len(rest) in (1, 2) and (rest == ["rpc"] or rest[1:] == ["updates"]):
+            await self._poll(scope, receive, send, device, "rpc" if rest == ["rpc"] else "attributes")
+        elif method == "POST" and rest[0] == "rpc" and len(rest) <= 2:
+            try:
+                body = await _read_body(receive, self.max_payload)
+            except _TooLarge:
+                await self._too_large(send)
+                return
+            if len(rest) == 2:
+                await self._rpc_response(send, device, rest[1], body)
+            else:
+                await self._client_rpc(send, device, body)
+        else:
+            await _respond(send, 405, error_body("method_not_allowed", f"{method} is not allowed here"))
+
+    async def _poll(self, scope: Scope, receive: Receive, send: Send, device: DeviceRef, wants: str) -> None:
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        try:
+            timeout_ms = int(query.get("timeout", ["20000"])[0])
+        except ValueError:
+            await _respond(send, 400, error_body("invalid_request", "timeout must be an integer (milliseconds)"))
+            return
+        link = _Poll(wants)
+        self.downlink.attach(device.p_uid, link)
+        gone = asyncio.ensure_future(_disconnected(receive))
+        try:
+            done, _ = await asyncio.wait(
+                (link.result, gone), timeout=min(max(timeout_ms, 1), 300_000) / 1000, return_when="FIRST_COMPLETED"
+            )
+        finally:
+            link.connected = False
+            self.downlink.detach(device.p_uid, link)
+            gone.cancel()
+        if link.result in done:
+            await _respond(send, 200, _encoder.encode(link.result.result()))
+        elif gone not in done:
+            await _respond(send, 408, error_body("timeout", f"no {wants} for the device within {timeout_ms} ms"))
+
+    async def _rpc_response(self, send: Send, device: DeviceRef, request_id: str, body: bytes) -> None:
+        try:
+            answer: Any = msgspec.json.decode(body) if body.strip() else None
+        except msgspec.DecodeError:
+            answer = body.decode("utf-8", "replace")
+        if request_id.isdigit() and self.downlink.rpc_response(device.p_uid, int(request_id), answer):
+            await _respond(send, 200, b"", [])
+        else:
+            await _respond(send, 404, error_body("not_found", f"no RPC request {request_id} waits for an answer"))
+
+    async def _client_rpc(self, send: Send, device: DeviceRef, body: bytes) -> None:
+        try:
+            request = msgspec.json.decode(body)
+            if not isinstance(request, dict) or not isinstance(request.get("method"), str):
+                raise ValueError("expected a JSON object with a string method")
+        except (ValueError, msgspec.DecodeError) as exc:
+            await _respond(send, 400, error_body("invalid_request", f"bad RPC request: {exc}"))
+            return
+        result = await self.downlink.client_rpc(device.p_uid, request["method"], request.get("params"))
+        await _respond(send, 200, _encoder.encode(result))
+
+
+class _Poll:
+    """A long poll waiting for one shared-attribute update or RPC request: a one-shot DeviceLink."""
+
+    def __init__(self, wants: str) -> None:
+        self.wants = wants
+        self.connected = True
+        self.result: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+    def push_attributes(self, p_uid: int, values: Any) -> bool:
+        if self.wants != "attributes" or self.result.done() or not self.connected:
+            return False
+        self.result.set_result(dict(values))
+        return True
+
+    def send_rpc(self, p_uid: int, request_id: int, method: str, params: Any) -> bool:
+        if self.wants != "rpc" or self.result.done() or not self.connected:
+            return False
+        self.result.set_result({"id": request_id, "method": method, "params": params})
+        return True
+
+
+async def _disconnected(receive: Receive) -> None:
+    """Return when the client goes away (ASGI ``http.disconnect``)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 def _keys(values: list[str] | None) -> list[str] | None:

@@ -246,7 +246,9 @@ class Runtime:
 
     def asgi_app(self) -> Callable[..., Any]:
         """The HTTP application: the lean device API under ``/api/v1/``, the rest to FastAPI."""
-        device = DeviceAPI(self.ingest, self.cache, self.attributes, self.metrics, self.config.http.max_payload)
+        device = DeviceAPI(
+            self.ingest, self.cache, self.attributes, self.metrics, self.config.http.max_payload, self.downlink
+        )
         management = management_app(self)
 
         websockets = self.websockets
