@@ -49,7 +49,7 @@ from collections import deque
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Literal, cast
+from typing import Any, Final, Literal, TypeGuard, cast
 
 import msgspec
 from prometheus_client import Counter, Gauge
@@ -708,7 +708,7 @@ class MqttServer:
 
     async def gateway_child(self, session: Session, name: object) -> DeviceRef | None:
         """The device a gateway names (created by ``gateway_policy``), now reachable through it."""
-        if not isinstance(name, str) or not name or len(name) > 200:
+        if not _valid_device_name(name):
             return None
         device = await self.ctx.resolver.resolve(self.name, {"device": name}, self.options.gateway_policy)
         if device is not None and session.children.get(device.p_uid) != name:
@@ -817,6 +817,11 @@ class MqttServer:
             await ingest.submit(self.frame(will, route.kind, will=True), target, decoder=route.decoder)
         except (JournalError, RegistryError) as exc:
             log.warning("mqtt source %s: could not journal a will message: %s", self.name, exc)
+
+
+def _valid_device_name(name: object) -> TypeGuard[str]:
+    """A device name a gateway may use: a non-empty string of at most 200 characters, no NUL."""
+    return isinstance(name, str) and 0 < len(name) <= 200 and "\x00" not in name
 
 
 def _keys(value: object) -> list[str] | None:
@@ -1443,11 +1448,15 @@ class _Connection(asyncio.Protocol):
             if not isinstance(data, dict) or not data:
                 raise ValueError("expected a JSON object of device name -> data")
             for name, value in data.items():
+                frame = server.frame(publish, route.kind, gateway=gateway.name, payload=_json_encode(value))
+                if not _valid_device_name(name):
+                    # Kept, as the gateway's own frame with the error: the data is not lost.
+                    parts.append((frame, gateway, f"gateway {route.kind}: invalid device name {name[:50]!r}"))
+                    continue
                 device = await server.gateway_child(session, name)
-                if device is None:
+                if device is None:  # `gateway_policy = "reject"` and an unknown device
                     server.metrics.rejected("unknown_device")
                     continue
-                frame = server.frame(publish, route.kind, gateway=gateway.name, payload=_json_encode(value))
                 parts.append((frame, device, None))
         except (ValueError, msgspec.DecodeError) as exc:
             parts = [(server.frame(publish, route.kind), gateway, f"gateway {route.kind}: {exc}")]

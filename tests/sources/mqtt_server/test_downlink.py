@@ -377,6 +377,14 @@ async def test_gateway_telemetry_becomes_one_frame_per_device(mqtt: MqttInstance
     assert by_device[(a.uid, "attributes")].status is Status.OK
     assert mqtt.rt.downlink.state(a.uid).online
 
+    # A part with an unusable device name is kept as the gateway's frame, with the error.
+    await client.send(encode_publish("v1/gateway/telemetry", b'{"": {"x": 1}, "Pump B": {"flow": 2}}', 1, 4, version=5))
+    assert await client.ack() == (PUBACK, 4, 0x99)
+    bad_name = (await mqtt.records(gw_uid))[-1]
+    assert bad_name.status is Status.DECODE_ERROR and "invalid device name ''" in (bad_name.error or "")
+    assert bad_name.frame.payload == b'{"x":1}'
+    assert len(await mqtt.records(b.uid)) == 2
+
     # Not an object of device -> data: journaled whole as the gateway's frame, with the error.
     await client.send(encode_publish("v1/gateway/telemetry", b"[1, 2]", 1, 3, version=5))
     assert await client.ack() == (PUBACK, 3, 0x99)
@@ -436,3 +444,22 @@ async def test_gateway_children_get_rpc_attribute_pushes_and_answers(mqtt: MqttI
     async with asyncio.timeout(5):
         while mqtt.rt.downlink.state(child.uid).online:
             await asyncio.sleep(0.02)
+
+
+async def test_a_takeover_continues_the_persistent_session_and_its_subscriptions(mqtt: MqttInstance) -> None:
+    uid, token = await _token(mqtt, "takeover")
+    old = await mqtt.raw()
+    assert await connect(old, token, client_id="t", clean=False, expiry=600) == (False, 0)
+    await subscribe(old, RPC_FILTER)
+    # The same client connects again while its old connection is still open (a half-open socket).
+    new = await mqtt.raw()
+    assert await connect(new, token, client_id="t", clean=False, expiry=600) == (True, 0)
+    assert (await old.closed_by_server())[-1][0] == 14  # DISCONNECT 0x8E session taken over
+    async with admin(mqtt) as api:
+        call = asyncio.create_task(api.post(f"/mgmt/physical/{uid}/rpc", json={"method": "here?"}))
+        topic, _, packet_id, _, _ = await next_publish(new)  # no SUBSCRIBE on the new connection
+        await new.send(encode_puback(packet_id, 5))
+        await new.send(encode_publish(topic.replace("request", "response"), b'"yes"', 0, 0, version=5))
+        assert (await call).json() == {"response": "yes"}
+    state = mqtt.rt.downlink.state(uid)
+    assert (state.online, state.links) == (True, 1)
