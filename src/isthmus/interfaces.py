@@ -158,6 +158,14 @@ class Ingest(Protocol):
         """
         ...
 
+    async def submit_nowait(self, items: Sequence[tuple[RawFrame, DeviceRef, str | None]]) -> None:
+        """``submit(frame, device, wait=False, decoder=decoder)`` for each ``(frame, device, decoder)``
+        in ``items``, in order, queued for the journal in one step: cheaper per frame for a source
+        that received many fire-and-forget (QoS 0) frames at once. Waits only for room, like
+        ``submit(wait=False)``; keeps the same order promise.
+        """
+        ...
+
 
 class Source(Protocol):
     """A way frames arrive (MQTT server, HTTP device API, broker subscription, poller …)."""

@@ -9,8 +9,9 @@ on the record (see ``docs/decisions/0001-embedded-journal-and-ingest.md``).
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -203,3 +204,19 @@ class IngestService:
         seq = (await self.journal.append([record]))[0]
         counts.journaled += 1
         return IngestResult(seq, record)
+
+    async def submit_nowait(self, items: Sequence[tuple[RawFrame, DeviceRef, str | None]]) -> None:
+        """See :class:`~isthmus.interfaces.Ingest`."""
+        if not items:
+            return
+        records = [self.build(frame, device, None, decoder) for frame, device, decoder in items]
+        await self.journal.wait_for_room()
+        future = self.journal.append_nowait(records)
+        sources = [self._source_counts(frame.source) for frame, _, _ in items]
+
+        def journaled(f: asyncio.Future[list[int]]) -> None:
+            if not f.exception():
+                for counts in sources:
+                    counts.journaled += 1
+
+        future.add_done_callback(journaled)

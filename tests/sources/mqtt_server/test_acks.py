@@ -184,3 +184,16 @@ async def test_mqtt5_connack_announces_limits_and_no_session(mqtt_factory: objec
     assert props[0x11] == 0  # session expiry: nothing is kept
     assigned = props[0x12]
     assert isinstance(assigned, bytes) and assigned.startswith(b"isthmus-")
+
+
+async def test_a_burst_of_qos0_is_journaled_in_order_and_counted(mqtt: MqttInstance) -> None:
+    dev = await mqtt.device("d", token="burst0")
+    client = await mqtt.raw()
+    assert await client.connect(5, dev.token) == 0
+    await client.send(b"".join(encode_publish(TELEMETRY, b'{"i": %d}' % i, 0, version=5) for i in range(200)))
+    records = await mqtt.wait_records(dev.uid, 200)
+    assert [r.frame.payload for r in records] == [b'{"i": %d}' % i for i in range(200)]
+    assert all(r.status.value == "ok" for r in records)
+    mqtt.rt.refresh_gauges()
+    journaled = mqtt.rt.metrics.registry.get_sample_value("isthmus_frames_journaled_total", {"source": "mqtt"})
+    assert journaled == 200
