@@ -158,6 +158,14 @@ class Ingest(Protocol):
         """
         ...
 
+    async def submit_batch(self, items: Sequence[tuple[RawFrame, DeviceRef, str | None]]) -> list[IngestResult]:
+        """``submit(frame, device, decoder=decoder)`` for each ``(frame, device, decoder)`` in
+        ``items``, durably, in one journal append; the results in the same order. Cheaper per
+        frame for a source that received many acknowledged frames at once; the same order promise
+        and errors as :meth:`submit`.
+        """
+        ...
+
     async def submit_nowait(self, items: Sequence[tuple[RawFrame, DeviceRef, str | None]]) -> None:
         """``submit(frame, device, wait=False, decoder=decoder)`` for each ``(frame, device, decoder)``
         in ``items``, in order, queued for the journal in one step: cheaper per frame for a source

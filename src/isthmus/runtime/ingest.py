@@ -205,6 +205,16 @@ class IngestService:
         counts.journaled += 1
         return IngestResult(seq, record)
 
+    async def submit_batch(self, items: Sequence[tuple[RawFrame, DeviceRef, str | None]]) -> list[IngestResult]:
+        """See :class:`~isthmus.interfaces.Ingest`."""
+        records = [self.build(frame, device, None, decoder) for frame, device, decoder in items]
+        if not records:
+            return []
+        seqs = await self.journal.append(records)
+        for frame, _, _ in items:
+            self._source_counts(frame.source).journaled += 1
+        return [IngestResult(seq, record) for seq, record in zip(seqs, records, strict=True)]
+
     async def submit_nowait(self, items: Sequence[tuple[RawFrame, DeviceRef, str | None]]) -> None:
         """See :class:`~isthmus.interfaces.Ingest`."""
         if not items:

@@ -18,9 +18,10 @@ Design, in the order a packet meets it:
   certificate's SHA-256 fingerprint (:meth:`~isthmus.interfaces.DeviceResolver.resolve`, the
   only asynchronous CONNECT, packets arriving meanwhile wait in a backlog), or anonymous
   connections whose topics name the device (``topics`` patterns with ``allow_anonymous``).
-* **Pipelining, in order.** Every QoS 1/2 PUBLISH gets a slot in the connection's ack queue
-  and its own small task awaiting ``ingest.submit`` (durable), so a connection can have many
-  records waiting for the same group commit. Acks leave strictly in arrival order: the queue is
+* **Pipelining, in order.** Every QoS 1/2 PUBLISH gets a slot in the connection's ack queue;
+  the PUBLISHes of one read go to the journal together in one task awaiting
+  ``ingest.submit_batch`` (durable), so a connection can have many records waiting for the same
+  group commit (QoS 0 ones likewise through ``submit_nowait``). Acks leave strictly in arrival order: the queue is
   flushed from its head at the end of the loop iteration in which commits completed, so the acks
   of one group commit leave in one write. Journal order equals arrival order too: ``submit``
   queues its record for the journal writer before it first suspends, and tasks start in creation
@@ -879,6 +880,8 @@ class _Slot:
 
 
 _Job = tuple[Publish, _Route, _Slot | None]
+_Durable = tuple[RawFrame, DeviceRef, str | None, _Slot]
+"""A QoS 1/2 PUBLISH of a known device waiting to be journaled with the others of its read."""
 
 
 class _Connection(asyncio.Protocol):
@@ -886,6 +889,7 @@ class _Connection(asyncio.Protocol):
 
     __slots__ = (
         "_backlog",
+        "_batch",
         "_closed",
         "_closing",
         "_connected",
@@ -940,6 +944,7 @@ class _Connection(asyncio.Protocol):
         self._intake_task: asyncio.Task[None] | None = None
         self._qos2: dict[int, bool] | None = None  # packet id -> PUBREC sent
         self._backlog: list[Packet] | None = None
+        self._batch: list[_Durable] | None = None
         self._read_paused = False
         self._write_paused = False
         self._flush_scheduled = False
@@ -1061,6 +1066,12 @@ class _Connection(asyncio.Protocol):
     # ------------------------------------------------------------------ packets
 
     def _handle(self, packets: list[Packet], start: int) -> None:
+        try:
+            self._handle_packets(packets, start)
+        finally:
+            self._start_batch()
+
+    def _handle_packets(self, packets: list[Packet], start: int) -> None:
         for i in range(start, len(packets)):
             if self._closing:
                 return
@@ -1369,9 +1380,14 @@ class _Connection(asyncio.Protocol):
                 qos2[publish.packet_id] = False
             self._ack(slot, done=False)
         if self._intake_task is None and slot is not None and route.device is not None and not route.gateway:
-            # Fast path: nothing of this connection waits for an asynchronous step.
-            slot.task = self._loop.create_task(self._commit(publish, route, route.device, slot))
+            # Fast path: nothing of this connection waits for an asynchronous step. The QoS 1/2
+            # PUBLISHes of one read are journaled together (see _start_batch).
+            batch = self._batch
+            if batch is None:
+                batch = self._batch = []
+            batch.append((server.frame(publish, route.kind), route.device, route.decoder, slot))
             return
+        self._start_batch()  # what came before goes to the journal before this
         intake = self._intake
         if intake is None:
             intake = self._intake = deque()
@@ -1504,6 +1520,40 @@ class _Connection(asyncio.Protocol):
             slot.finish(RC_PAYLOAD_FORMAT_INVALID, errors[0])
         else:
             slot.finish()
+        self._schedule_flush()
+
+    def _start_batch(self) -> None:
+        """Start journaling the fast-path PUBLISHes gathered from one read, in one append.
+
+        Called at the end of every read and before anything takes the intake path, so that the
+        batch's task is created before any later submit: journal order stays arrival order.
+        """
+        batch, self._batch = self._batch, None
+        if batch:
+            task = self._loop.create_task(self._commit_batch(batch))
+            for item in batch:
+                item[3].task = task
+
+    async def _commit_batch(self, batch: list[_Durable]) -> None:
+        """Journal a batch of QoS 1/2 PUBLISHes durably, then let their acks go (in order)."""
+        try:
+            results = await self._ingest.submit_batch([(frame, device, decoder) for frame, device, decoder, _ in batch])
+        except JournalError as exc:
+            self._unavailable(exc)
+            return
+        except Exception:
+            log.exception("mqtt source %s: ingest failed; closing the connection unacknowledged", self._server.name)
+            self._close(RC_UNSPECIFIED, "internal_error", will=False)
+            return
+        finally:
+            for item in batch:
+                item[3].task = None
+        v5 = self._version == 5
+        for (_, _, _, slot), result in zip(batch, results, strict=True):
+            if v5 and result.record.status is Status.DECODE_ERROR:
+                slot.finish(RC_PAYLOAD_FORMAT_INVALID, result.record.error)
+            else:
+                slot.finish()
         self._schedule_flush()
 
     async def _commit(self, publish: Publish, route: _Route, device: DeviceRef, slot: _Slot) -> None:

@@ -197,3 +197,14 @@ async def test_a_burst_of_qos0_is_journaled_in_order_and_counted(mqtt: MqttInsta
     mqtt.rt.refresh_gauges()
     journaled = mqtt.rt.metrics.registry.get_sample_value("isthmus_frames_journaled_total", {"source": "mqtt"})
     assert journaled == 200
+
+
+async def test_qos1_messages_of_one_read_are_journaled_and_acked_in_order(mqtt: MqttInstance) -> None:
+    dev = await mqtt.device("d", token="batch1")
+    client = await mqtt.raw()
+    assert await client.connect(5, dev.token) == 0
+    # One read holds them all: they go to the journal in one append.
+    await client.send(b"".join(encode_publish(TELEMETRY, b'{"i": %d}' % i, 1, i, version=5) for i in range(1, 51)))
+    assert [(await client.ack())[1] for _ in range(50)] == list(range(1, 51))
+    records = await mqtt.records(dev.uid)
+    assert [r.frame.payload for r in records] == [b'{"i": %d}' % i for i in range(1, 51)]
