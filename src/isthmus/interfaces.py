@@ -22,7 +22,7 @@ import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from isthmus.message import Kind, Point, RawFrame, Record
 
@@ -117,6 +117,16 @@ class DeviceResolver(Protocol):
 # --------------------------------------------------------------------------- ingest
 
 
+class Submission(NamedTuple):
+    """One frame for :meth:`Ingest.submit_batch` / :meth:`Ingest.submit_nowait`, with the
+    ``error`` and ``decoder`` arguments :meth:`Ingest.submit` takes."""
+
+    frame: RawFrame
+    device: DeviceRef
+    decoder: str | None = None
+    error: str | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class IngestResult:
     """What became of one submitted frame, once it is durably journaled."""
@@ -158,19 +168,17 @@ class Ingest(Protocol):
         """
         ...
 
-    async def submit_batch(self, items: Sequence[tuple[RawFrame, DeviceRef, str | None]]) -> list[IngestResult]:
-        """``submit(frame, device, decoder=decoder)`` for each ``(frame, device, decoder)`` in
-        ``items``, durably, in one journal append; the results in the same order. Cheaper per
-        frame for a source that received many acknowledged frames at once; the same order promise
-        and errors as :meth:`submit`.
+    async def submit_batch(self, items: Sequence[Submission]) -> list[IngestResult]:
+        """:meth:`submit` each of ``items``, durably, in one journal append; the results in the
+        same order. Cheaper per frame for a source that received many acknowledged frames at once;
+        the same order promise and errors as :meth:`submit`.
         """
         ...
 
-    async def submit_nowait(self, items: Sequence[tuple[RawFrame, DeviceRef, str | None]]) -> None:
-        """``submit(frame, device, wait=False, decoder=decoder)`` for each ``(frame, device, decoder)``
-        in ``items``, in order, queued for the journal in one step: cheaper per frame for a source
-        that received many fire-and-forget (QoS 0) frames at once. Waits only for room, like
-        ``submit(wait=False)``; keeps the same order promise.
+    async def submit_nowait(self, items: Sequence[Submission]) -> None:
+        """``submit(..., wait=False)`` each of ``items``, in order, queued for the journal in one
+        step: cheaper per frame for a source that received many fire-and-forget (QoS 0) frames at
+        once. Waits only for room, like ``submit(wait=False)``; keeps the same order promise.
         """
         ...
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from isthmus.errors import DecodeError
-from isthmus.interfaces import Decoder, DeviceDirectory, DeviceRef, IngestResult, Journal
+from isthmus.interfaces import Decoder, DeviceDirectory, DeviceRef, IngestResult, Journal, Submission
 from isthmus.message import Message, Point, RawFrame, Record, Status
 from isthmus.runtime.metrics import Metrics
 
@@ -205,24 +205,24 @@ class IngestService:
         counts.journaled += 1
         return IngestResult(seq, record)
 
-    async def submit_batch(self, items: Sequence[tuple[RawFrame, DeviceRef, str | None]]) -> list[IngestResult]:
+    async def submit_batch(self, items: Sequence[Submission]) -> list[IngestResult]:
         """See :class:`~isthmus.interfaces.Ingest`."""
-        records = [self.build(frame, device, None, decoder) for frame, device, decoder in items]
+        records = [self.build(i.frame, i.device, i.error, i.decoder) for i in items]
         if not records:
             return []
         seqs = await self.journal.append(records)
-        for frame, _, _ in items:
-            self._source_counts(frame.source).journaled += 1
+        for item in items:
+            self._source_counts(item.frame.source).journaled += 1
         return [IngestResult(seq, record) for seq, record in zip(seqs, records, strict=True)]
 
-    async def submit_nowait(self, items: Sequence[tuple[RawFrame, DeviceRef, str | None]]) -> None:
+    async def submit_nowait(self, items: Sequence[Submission]) -> None:
         """See :class:`~isthmus.interfaces.Ingest`."""
         if not items:
             return
-        records = [self.build(frame, device, None, decoder) for frame, device, decoder in items]
+        records = [self.build(i.frame, i.device, i.error, i.decoder) for i in items]
         await self.journal.wait_for_room()
         future = self.journal.append_nowait(records)
-        sources = [self._source_counts(frame.source) for frame, _, _ in items]
+        sources = [self._source_counts(i.frame.source) for i in items]
 
         def journaled(f: asyncio.Future[list[int]]) -> None:
             if not f.exception():

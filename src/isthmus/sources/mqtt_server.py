@@ -57,7 +57,7 @@ from prometheus_client import Counter, Gauge
 from pydantic import Field, model_validator
 
 from isthmus.errors import ConfigError, IsthmusError, JournalError, RegistryError
-from isthmus.interfaces import DeviceRef, Ingest
+from isthmus.interfaces import DeviceRef, Ingest, Submission
 from isthmus.message import Kind, RawFrame, Status, new_correlation_id, utcnow
 from isthmus.plugins import PluginConfig, SourceContext, SourcePlugin
 from isthmus.sources.mqtt_codec import (
@@ -880,8 +880,9 @@ class _Slot:
 
 
 _Job = tuple[Publish, _Route, _Slot | None]
-_Durable = tuple[RawFrame, DeviceRef, str | None, _Slot]
-"""A QoS 1/2 PUBLISH of a known device waiting to be journaled with the others of its read."""
+_Durable = tuple[Submission, _Slot]
+"""A frame of a QoS 1/2 PUBLISH waiting to be journaled with the others of its batch (a gateway
+PUBLISH becomes several frames sharing one slot)."""
 
 
 class _Connection(asyncio.Protocol):
@@ -1385,7 +1386,7 @@ class _Connection(asyncio.Protocol):
             batch = self._batch
             if batch is None:
                 batch = self._batch = []
-            batch.append((server.frame(publish, route.kind), route.device, route.decoder, slot))
+            batch.append((Submission(server.frame(publish, route.kind), route.device, route.decoder), slot))
             return
         self._start_batch()  # what came before goes to the journal before this
         intake = self._intake
@@ -1434,17 +1435,20 @@ class _Connection(asyncio.Protocol):
                         slot.finish(RC_NOT_AUTHORIZED if self._version == 5 else RC_SUCCESS)
                         self._flush_acks()
                     continue
+                submission = Submission(server.frame(publish, route.kind), device, route.decoder)
                 if slot is not None:
-                    slot.task = self._loop.create_task(self._commit(publish, route, device, slot))
+                    self._commit([(submission, slot)])
                     continue
                 # QoS 0: this one and the QoS 0 PUBLISHes of known devices queued behind it, in one append.
-                batch = [(server.frame(publish, route.kind), device, route.decoder)]
+                batch = [submission]
                 while intake:
                     next_publish, next_route, next_slot = intake[0]
                     if next_slot is not None or next_route.device is None or next_route.gateway:
                         break
                     intake.popleft()
-                    batch.append((server.frame(next_publish, next_route.kind), next_route.device, next_route.decoder))
+                    batch.append(
+                        Submission(server.frame(next_publish, next_route.kind), next_route.device, next_route.decoder)
+                    )
                 try:
                     await ingest.submit_nowait(batch)
                 except JournalError as exc:
@@ -1466,7 +1470,7 @@ class _Connection(asyncio.Protocol):
         gateway = route.device
         if gateway is None or session is None:  # pragma: no cover - gateway routes carry the device
             return True
-        parts: list[tuple[RawFrame, DeviceRef, str | None]] = []
+        parts: list[Submission] = []
         try:
             data = _json_decode(publish.payload)
             if not isinstance(data, dict) or not data:
@@ -1475,52 +1479,33 @@ class _Connection(asyncio.Protocol):
                 frame = server.frame(publish, route.kind, gateway=gateway.name, payload=_json_encode(value))
                 if not _valid_device_name(name):
                     # Kept, as the gateway's own frame with the error: the data is not lost.
-                    parts.append((frame, gateway, f"gateway {route.kind}: invalid device name {name[:50]!r}"))
+                    parts.append(
+                        Submission(frame, gateway, error=f"gateway {route.kind}: invalid device name {name[:50]!r}")
+                    )
                     continue
                 device = await server.gateway_child(session, name)
                 if device is None:  # `gateway_policy = "reject"` and an unknown device
                     server.metrics.rejected("unknown_device")
                     continue
-                parts.append((frame, device, None))
+                parts.append(Submission(frame, device))
         except (ValueError, msgspec.DecodeError) as exc:
-            parts = [(server.frame(publish, route.kind), gateway, f"gateway {route.kind}: {exc}")]
+            parts = [Submission(server.frame(publish, route.kind), gateway, error=f"gateway {route.kind}: {exc}")]
         except RegistryError as exc:
             self._unavailable(exc)
             return False
+        if slot is not None:
+            if parts:
+                self._commit([(part, slot) for part in parts])
+            else:  # every device it names was refused (`gateway_policy = "reject"`): nothing to wait for
+                slot.finish()
+                self._flush_acks()
+            return True
         try:
-            if slot is None:
-                for frame, device, error in parts:
-                    await self._ingest.submit(frame, device, wait=False, error=error)
-            else:
-                tasks = [
-                    self._loop.create_task(self._ingest.submit(frame, device, error=error))
-                    for frame, device, error in parts
-                ]
-                slot.task = self._loop.create_task(self._finish_all(tasks, slot))
+            await self._ingest.submit_nowait(parts)
         except JournalError as exc:
             self._unavailable(exc)
             return False
         return True
-
-    async def _finish_all(self, tasks: list[asyncio.Task[Any]], slot: _Slot) -> None:
-        """Acknowledge a gateway PUBLISH once every frame it became is durable."""
-        try:
-            results = await asyncio.gather(*tasks)
-        except JournalError as exc:
-            self._unavailable(exc)
-            return
-        except Exception:
-            log.exception("mqtt source %s: ingest failed; closing the connection unacknowledged", self._server.name)
-            self._close(RC_UNSPECIFIED, "internal_error", will=False)
-            return
-        finally:
-            slot.task = None
-        errors = [r.record.error for r in results if r is not None and r.record.status is Status.DECODE_ERROR]
-        if errors and self._version == 5:
-            slot.finish(RC_PAYLOAD_FORMAT_INVALID, errors[0])
-        else:
-            slot.finish()
-        self._schedule_flush()
 
     def _start_batch(self) -> None:
         """Start journaling the fast-path PUBLISHes gathered from one read, in one append.
@@ -1530,14 +1515,22 @@ class _Connection(asyncio.Protocol):
         """
         batch, self._batch = self._batch, None
         if batch:
-            task = self._loop.create_task(self._commit_batch(batch))
-            for item in batch:
-                item[3].task = task
+            self._commit(batch)
+
+    def _commit(self, batch: list[_Durable]) -> None:
+        """Start journaling ``batch`` in one append; its slots keep the task (cancelled at shutdown)."""
+        task = self._loop.create_task(self._commit_batch(batch))
+        for _, slot in batch:
+            slot.task = task
 
     async def _commit_batch(self, batch: list[_Durable]) -> None:
-        """Journal a batch of QoS 1/2 PUBLISHes durably, then let their acks go (in order)."""
+        """Journal a batch of QoS 1/2 frames durably, then let their acks go (in order).
+
+        A slot whose frames include a decode error is acknowledged with the first one (MQTT 5:
+        0x99 payload format invalid); the others with success.
+        """
         try:
-            results = await self._ingest.submit_batch([(frame, device, decoder) for frame, device, decoder, _ in batch])
+            results = await self._ingest.submit_batch([submission for submission, _ in batch])
         except JournalError as exc:
             self._unavailable(exc)
             return
@@ -1546,34 +1539,15 @@ class _Connection(asyncio.Protocol):
             self._close(RC_UNSPECIFIED, "internal_error", will=False)
             return
         finally:
-            for item in batch:
-                item[3].task = None
-        v5 = self._version == 5
-        for (_, _, _, slot), result in zip(batch, results, strict=True):
-            if v5 and result.record.status is Status.DECODE_ERROR:
-                slot.finish(RC_PAYLOAD_FORMAT_INVALID, result.record.error)
-            else:
+            for _, slot in batch:
+                slot.task = None
+        if self._version == 5:
+            for (_, slot), result in zip(batch, results, strict=True):
+                if result.record.status is Status.DECODE_ERROR and not slot.done:
+                    slot.finish(RC_PAYLOAD_FORMAT_INVALID, result.record.error)
+        for _, slot in batch:
+            if not slot.done:
                 slot.finish()
-        self._schedule_flush()
-
-    async def _commit(self, publish: Publish, route: _Route, device: DeviceRef, slot: _Slot) -> None:
-        """Journal one QoS 1/2 PUBLISH durably, then let its ack (and any ready before it) go."""
-        server = self._server
-        try:
-            result = await self._ingest.submit(server.frame(publish, route.kind), device, decoder=route.decoder)
-        except JournalError as exc:
-            self._unavailable(exc)
-            return
-        except Exception:
-            log.exception("mqtt source %s: ingest failed; closing the connection unacknowledged", server.name)
-            self._close(RC_UNSPECIFIED, "internal_error", will=False)
-            return
-        finally:
-            slot.task = None
-        if result is not None and result.record.status is Status.DECODE_ERROR and self._version == 5:
-            slot.finish(RC_PAYLOAD_FORMAT_INVALID, result.record.error)
-        else:
-            slot.finish()
         self._schedule_flush()
 
     def _ack(self, slot: _Slot, *, done: bool, code: int = RC_SUCCESS) -> None:

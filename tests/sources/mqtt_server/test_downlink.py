@@ -463,3 +463,14 @@ async def test_a_takeover_continues_the_persistent_session_and_its_subscriptions
         assert (await call).json() == {"response": "yes"}
     state = mqtt.rt.downlink.state(uid)
     assert (state.online, state.links) == (True, 1)
+
+
+async def test_a_gateway_publish_whose_devices_are_all_refused_is_still_acknowledged(mqtt_factory: Any) -> None:
+    mqtt: MqttInstance = await mqtt_factory(gateway_policy="reject")
+    _, token = await _token(mqtt, "strict-gw", properties={"gateway": True})
+    client = await mqtt.raw()
+    await connect(client, token)
+    await client.send(encode_publish("v1/gateway/telemetry", b'{"Stranger": {"x": 1}}', 1, 1, version=5))
+    assert await client.ack() == (PUBACK, 1, 0)
+    assert await mqtt.records() == []
+    assert mqtt.metric("isthmus_mqtt_publishes_rejected_total", reason="unknown_device") == 1
