@@ -15,6 +15,7 @@ import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from datetime import datetime
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -38,8 +39,8 @@ class DownlinkHub:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self._links: dict[int, list[DeviceLink]] = {}
-        self._online: dict[int, bool] = {}
-        self._since: dict[int, Any] = {}
+        self._online: set[int] = set()
+        self._since: dict[int, datetime] = {}
         self._waiting: dict[tuple[int, int], asyncio.Future[Any]] = {}
         self._ids = itertools.count(1)
         self._methods: dict[str, ClientMethod] = {"getCurrentTime": _current_time}
@@ -71,27 +72,23 @@ class DownlinkHub:
 
     def changed(self, p_uid: int) -> None:
         online = any(link.connected for link in self._links.get(p_uid, ()))
-        if online == self._online.get(p_uid, False):
+        if online == (p_uid in self._online):
             return
         self._since[p_uid] = utcnow()
         if online:
-            self._online[p_uid] = True
+            self._online.add(p_uid)
             self._gauge.inc()
         else:
-            del self._online[p_uid]
+            self._online.discard(p_uid)
             self._gauge.dec()
         log.debug("device %d is %s", p_uid, "online" if online else "offline")
 
     def state(self, p_uid: int) -> DeviceState:
         return DeviceState(
-            online=self._online.get(p_uid, False),
+            online=p_uid in self._online,
             since=self._since.get(p_uid),
             links=len(self._links.get(p_uid, ())),
         )
-
-    def online_devices(self) -> list[int]:
-        """The uids of the devices online now."""
-        return sorted(self._online)
 
     # ------------------------------------------------------------------ attributes
 
@@ -137,10 +134,6 @@ class DownlinkHub:
             return False
         future.set_result(response)
         return True
-
-    def add_client_method(self, name: str, method: ClientMethod) -> None:
-        """Offer ``name`` to devices as a client-side RPC method."""
-        self._methods[name] = method
 
     async def client_rpc(self, p_uid: int, method: str, params: Any) -> Any:
         handler = self._methods.get(method)
