@@ -292,6 +292,13 @@ class AttributeReader(Protocol):
         """The device's attributes in ``scope`` (``client`` or ``shared``), optionally only ``keys``."""
         ...
 
+    async def request(
+        self, p_uid: int, client_keys: list[str] | None, shared_keys: list[str] | None
+    ) -> dict[str, dict[str, Any]]:
+        """A device's attribute request (ThingsBoard): ``{"client": {…}, "shared": {…}}`` with the
+        scopes whose keys are given, or both scopes in full when neither is."""
+        ...
+
 
 # --------------------------------------------------------------------------- journal
 

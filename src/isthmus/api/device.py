@@ -180,14 +180,9 @@ class DeviceAPI:
             await _respond(send, 401, self._unauthorized)
             return
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
-        client_keys = _keys(query.get("clientKeys"))
-        shared_keys = _keys(query.get("sharedKeys"))
-        both_absent = client_keys is None and shared_keys is None
-        result: dict[str, dict[str, Any]] = {}
-        if both_absent or client_keys is not None:
-            result["client"] = await self.attributes.get(device.p_uid, "client", client_keys)
-        if both_absent or shared_keys is not None:
-            result["shared"] = await self.attributes.get(device.p_uid, "shared", shared_keys)
+        result = await self.attributes.request(
+            device.p_uid, _keys(query.get("clientKeys")), _keys(query.get("sharedKeys"))
+        )
         await _respond(send, 200, _encoder.encode(result))
 
     # ------------------------------------------------------------------ the way back

@@ -114,6 +114,15 @@ class AttributeStore:
         result: dict[str, Any] = await self._run(fetch)
         return result
 
+    async def request(
+        self, p_uid: int, client_keys: list[str] | None, shared_keys: list[str] | None
+    ) -> dict[str, dict[str, Any]]:
+        """See :class:`~isthmus.interfaces.AttributeReader`."""
+        wanted = {"client": client_keys, "shared": shared_keys}
+        if client_keys is None and shared_keys is None:
+            return {scope: await self.get(p_uid, scope, None) for scope in wanted}
+        return {scope: await self.get(p_uid, scope, keys) for scope, keys in wanted.items() if keys is not None}
+
     async def close(self) -> None:
         """Close the file."""
         with self._lock:

@@ -667,15 +667,8 @@ class MqttServer:
             request = _json_decode(payload) if payload.strip() else {}
             if not isinstance(request, dict):
                 raise ValueError("expected a JSON object with clientKeys and/or sharedKeys")
-            wanted = {scope: _keys(request.get(f"{scope}Keys")) for scope in ("client", "shared")}
-            if all(keys is None for keys in wanted.values()):
-                wanted = {"client": None, "shared": None}
-                scopes = ["client", "shared"]
-            else:
-                scopes = [scope for scope, keys in wanted.items() if keys is not None]
-            body: dict[str, Any] = {}
-            for scope in scopes:
-                body[scope] = await self.ctx.attributes.get(device.p_uid, scope, wanted[scope])
+            client_keys, shared_keys = _keys(request.get("clientKeys")), _keys(request.get("sharedKeys"))
+            body: dict[str, Any] = await self.ctx.attributes.request(device.p_uid, client_keys, shared_keys)
         except (ValueError, msgspec.DecodeError) as exc:
             body = {"error": f"bad attribute request: {exc}"}
         except IsthmusError as exc:  # the attribute store is unavailable: say so, keep the connection
